@@ -1,0 +1,1 @@
+"""thodb: a terminology database for HL7 Terminology (THO) and DICOM."""

@@ -1,0 +1,147 @@
+"""Engines, sessions and schema migrations.
+
+thodb speaks to PostgreSQL (``postgresql+psycopg://...``) in production and to an embedded
+SQLite file by default. On SQLite the ``tho`` schema of the models is mapped to the main
+database, so the same models and SQL work on both.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from thodb.errors import DatabaseError
+from thodb.models import SCHEMA
+
+log = logging.getLogger(__name__)
+
+#: Environment variable holding the database URL.
+URL_ENV = "THODB_DATABASE_URL"
+
+#: Execution option marking a connection that will write (a load or a migration).
+WRITE_OPTION = "thodb_write"
+
+
+def default_sqlite_path() -> Path:
+    """Where the embedded database lives when no URL is given.
+
+    ``$XDG_DATA_HOME/thodb/thodb.sqlite``, that is ``~/.local/share/thodb/thodb.sqlite``
+    on most systems.
+    """
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "share"
+    )
+    return Path(base) / "thodb" / "thodb.sqlite"
+
+
+def resolve_url(url: str | None = None) -> str:
+    """The database URL: ``url``, else ``$THODB_DATABASE_URL``, else the SQLite default."""
+    if url:
+        return url
+    env = os.environ.get(URL_ENV)
+    if env:
+        return env
+    return f"sqlite:///{default_sqlite_path()}"
+
+
+def safe_url(url: str | sa.URL) -> str:
+    """The URL as it may be printed: any password is masked."""
+    return sa.make_url(url).render_as_string(hide_password=True)
+
+
+def is_sqlite(bind: Engine | sa.Connection | Session) -> bool:
+    """True when ``bind`` talks to SQLite."""
+    return bind.get_bind().dialect.name == "sqlite" if isinstance(bind, Session) else (
+        bind.dialect.name == "sqlite"
+    )
+
+
+def schema_prefix(bind: Engine | sa.Connection | Session) -> str:
+    """The prefix for table names in hand-written SQL: ``tho.`` or nothing on SQLite."""
+    return "" if is_sqlite(bind) else f"{SCHEMA}."
+
+
+def create_engine(url: str | None = None, **kwargs: Any) -> Engine:
+    """Create an engine for ``url`` (see :func:`resolve_url`).
+
+    On SQLite the parent folder is created, foreign keys are enforced, the journal is
+    WAL (readers do not block the loader) and ``tho`` maps to the main database.
+
+    :raises DatabaseError: when the URL cannot be parsed or names no known driver.
+    """
+    resolved = resolve_url(url)
+    try:
+        parsed = sa.make_url(resolved)
+    except sa.exc.ArgumentError as exc:
+        raise DatabaseError(f"not a database URL: {exc}") from None
+
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        kwargs.setdefault("connect_args", {}).setdefault("timeout", 60)
+    elif parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
+        # Plain postgresql:// would pick psycopg2, which thodb does not depend on.
+        parsed = parsed.set(drivername="postgresql+psycopg")
+
+    try:
+        engine = sa.create_engine(parsed, **kwargs)
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
+        raise DatabaseError(f"cannot use {safe_url(parsed)}: {exc}") from None
+
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_on_connect)
+        event.listen(engine, "begin", _sqlite_on_begin)
+        engine = engine.execution_options(schema_translate_map={SCHEMA: None})
+    return engine
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Let SQLAlchemy issue BEGIN itself, so that DDL is transactional too.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys = ON")
+    cursor.execute("PRAGMA journal_mode = WAL")
+    cursor.execute("PRAGMA synchronous = NORMAL")
+    cursor.close()
+
+
+def _sqlite_on_begin(connection: sa.Connection) -> None:
+    # A writer takes the write lock up front (IMMEDIATE), so two loads queue on the busy
+    # timeout instead of failing when both try to upgrade a read lock.
+    if connection.get_execution_options().get(WRITE_OPTION):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        connection.exec_driver_sql("BEGIN")
+
+
+@contextmanager
+def session_scope(engine: Engine, *, write: bool = False) -> Iterator[Session]:
+    """A session in one transaction: committed when the block ends, rolled back on error.
+
+    :param write: the transaction will write; on SQLite it then takes the write lock
+        when it begins.
+    """
+    bind = engine.execution_options(**{WRITE_OPTION: True}) if write else engine
+    with Session(bind) as session, session.begin():
+        yield session
+
+
+def check_connection(engine: Engine) -> None:
+    """Connect once, turning a connection failure into a :class:`DatabaseError`."""
+    try:
+        with engine.connect():
+            pass
+    except sa.exc.OperationalError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        raise DatabaseError(
+            f"cannot connect to {safe_url(engine.url)}: {reason}"
+        ) from None

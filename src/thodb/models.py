@@ -1,0 +1,329 @@
+"""The database schema as typed SQLAlchemy 2 models.
+
+Every table lives in the schema ``tho`` on PostgreSQL. SQLite has no schemas, so the
+engine maps ``tho`` to the main database (see :func:`thodb.db.create_engine`) and the
+tables keep the same names there.
+
+The tables follow FHIR's element names: a :class:`CodeSystem` has ``concept`` rows with
+``designation`` and ``property`` rows and parent edges; a :class:`ValueSet` keeps its
+``compose`` as data (:class:`ComposeRule` for each ``include``/``exclude`` with its
+:class:`ComposeConcept`, :class:`ComposeFilter` and :class:`ComposeImport` rows), and
+:class:`ValueSetMember` holds the computed expansion of every value set that can be
+expanded. The public, documented contract for SQL users is the set of views created by
+the migrations (``tho.value_set_expansion`` and friends); these tables may change.
+
+Alembic migrations are the only way the schema is created; these models must agree with
+them (a test runs autogenerate and expects no difference).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+#: The PostgreSQL schema that holds every table and view.
+SCHEMA = "tho"
+
+# Predictable constraint names, so migrations can name what they drop.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every thodb table."""
+
+    metadata = MetaData(schema=SCHEMA, naming_convention=NAMING_CONVENTION)
+
+
+def _fk(target: str) -> ForeignKey:
+    return ForeignKey(f"{SCHEMA}.{target}", ondelete="CASCADE")
+
+
+class CodeSystem(Base):
+    """A loaded FHIR CodeSystem (one row per ``url|version``)."""
+
+    __tablename__ = "code_system"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    url: Mapped[str] = mapped_column(Text)
+    version: Mapped[str | None] = mapped_column(Text)
+    name: Mapped[str | None] = mapped_column(Text)
+    title: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str | None] = mapped_column(String(16))
+    content: Mapped[str | None] = mapped_column(String(16))
+    hierarchy_meaning: Mapped[str | None] = mapped_column(String(32))
+    case_sensitive: Mapped[bool | None] = mapped_column(Boolean)
+    supplements: Mapped[str | None] = mapped_column(Text)
+    value_set: Mapped[str | None] = mapped_column(Text)
+    concept_count: Mapped[int] = mapped_column(Integer)
+    #: SHA-256 of the resource's canonical JSON: the same content loads once.
+    content_hash: Mapped[str] = mapped_column(String(64))
+    #: The file the resource was read from.
+    source: Mapped[str] = mapped_column(Text)
+
+    concepts: Mapped[list[Concept]] = relationship(
+        back_populates="code_system", viewonly=True
+    )
+    properties: Mapped[list[CodeSystemProperty]] = relationship(
+        viewonly=True
+    )
+
+
+# A NULL version is a version of its own, so uniqueness is on coalesce(version, '').
+Index(
+    "uq_code_system_url_version",
+    CodeSystem.url,
+    func.coalesce(CodeSystem.version, ""),
+    unique=True,
+)
+
+
+class CodeSystemProperty(Base):
+    """A property a code system declares (``CodeSystem.property``)."""
+
+    __tablename__ = "code_system_property"
+    __table_args__ = (UniqueConstraint("code_system_id", "code"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    code_system_id: Mapped[int] = mapped_column(_fk("code_system.id"))
+    code: Mapped[str] = mapped_column(Text)
+    uri: Mapped[str | None] = mapped_column(Text)
+    type: Mapped[str | None] = mapped_column(String(16))
+    description: Mapped[str | None] = mapped_column(Text)
+
+
+class Concept(Base):
+    """A concept of a code system (``CodeSystem.concept``, flattened)."""
+
+    __tablename__ = "concept"
+    __table_args__ = (UniqueConstraint("code_system_id", "code"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    code_system_id: Mapped[int] = mapped_column(_fk("code_system.id"))
+    code: Mapped[str] = mapped_column(Text)
+    display: Mapped[str | None] = mapped_column(Text)
+    definition: Mapped[str | None] = mapped_column(Text)
+    #: The value of the concept's ``status`` property, when it has one.
+    status: Mapped[str | None] = mapped_column(String(32))
+    #: ``inactive`` property true, or status ``retired``/``inactive``.
+    inactive: Mapped[bool] = mapped_column(Boolean)
+    #: ``notSelectable`` (or ``abstract``) property true.
+    abstract: Mapped[bool] = mapped_column(Boolean)
+
+    code_system: Mapped[CodeSystem] = relationship(back_populates="concepts")
+    designations: Mapped[list[ConceptDesignation]] = relationship(
+        viewonly=True
+    )
+    properties: Mapped[list[ConceptProperty]] = relationship(
+        viewonly=True
+    )
+
+
+class ConceptDesignation(Base):
+    """A designation of a concept (``CodeSystem.concept.designation``)."""
+
+    __tablename__ = "concept_designation"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    concept_id: Mapped[int] = mapped_column(_fk("concept.id"), index=True)
+    language: Mapped[str | None] = mapped_column(String(32))
+    use_system: Mapped[str | None] = mapped_column(Text)
+    use_code: Mapped[str | None] = mapped_column(Text)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class ConceptProperty(Base):
+    """A property value of a concept (``CodeSystem.concept.property``).
+
+    ``value`` holds every value type as text (booleans as ``true``/``false``); for a
+    ``valueCoding`` it is the code and ``value_system`` the coding's system.
+    """
+
+    __tablename__ = "concept_property"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    concept_id: Mapped[int] = mapped_column(_fk("concept.id"), index=True)
+    code: Mapped[str] = mapped_column(Text)
+    type: Mapped[str] = mapped_column(String(16))
+    value: Mapped[str | None] = mapped_column(Text)
+    value_system: Mapped[str | None] = mapped_column(Text)
+
+
+Index("ix_concept_property_code_value", ConceptProperty.code, ConceptProperty.value)
+
+
+class ConceptParent(Base):
+    """An edge of the concept hierarchy: ``concept_id`` is-a ``parent_id``.
+
+    Edges come from nested ``concept`` elements and from ``parent``/``subsumedBy``
+    (and, reversed, ``child``) properties; a concept may have several parents.
+    """
+
+    __tablename__ = "concept_parent"
+
+    concept_id: Mapped[int] = mapped_column(_fk("concept.id"), primary_key=True)
+    parent_id: Mapped[int] = mapped_column(
+        _fk("concept.id"), primary_key=True, index=True
+    )
+
+
+class ValueSet(Base):
+    """A loaded FHIR ValueSet (one row per ``url|version``) and its expansion state."""
+
+    __tablename__ = "value_set"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    url: Mapped[str] = mapped_column(Text)
+    version: Mapped[str | None] = mapped_column(Text)
+    name: Mapped[str | None] = mapped_column(Text)
+    title: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str | None] = mapped_column(String(16))
+    #: False when the resource has no ``compose`` (defined by reference elsewhere).
+    has_compose: Mapped[bool] = mapped_column(Boolean)
+    content_hash: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(Text)
+    #: ``expanded`` or ``not-expandable``; set by every load.
+    expansion_status: Mapped[str] = mapped_column(String(16), default="pending")
+    #: Why the value set cannot be expanded (NULL when it is expanded).
+    expansion_error: Mapped[str | None] = mapped_column(Text)
+    #: Number of members in ``value_set_member`` (NULL when not expanded).
+    member_count: Mapped[int | None] = mapped_column(Integer)
+    #: The evaluation pass of the value set (see :mod:`thodb.expand`).
+    stratum: Mapped[int | None] = mapped_column(Integer, index=True)
+
+    rules: Mapped[list[ComposeRule]] = relationship(
+        viewonly=True, order_by="ComposeRule.id"
+    )
+
+
+Index(
+    "uq_value_set_url_version",
+    ValueSet.url,
+    func.coalesce(ValueSet.version, ""),
+    unique=True,
+)
+
+
+class ComposeRule(Base):
+    """One ``compose.include`` or ``compose.exclude`` element of a value set."""
+
+    __tablename__ = "compose_rule"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    value_set_id: Mapped[int] = mapped_column(_fk("value_set.id"), index=True)
+    #: ``include`` or ``exclude``.
+    kind: Mapped[str] = mapped_column(String(8))
+    #: Index of the element within ``compose.include`` (or ``compose.exclude``).
+    position: Mapped[int] = mapped_column(Integer)
+    system: Mapped[str | None] = mapped_column(Text)
+    version: Mapped[str | None] = mapped_column(Text)
+    #: How many ``valueSet`` entries the rule has (its imports).
+    import_count: Mapped[int] = mapped_column(Integer)
+    #: The loaded code system ``system|version`` resolves to (set by every load).
+    code_system_id: Mapped[int | None] = mapped_column(
+        ForeignKey(f"{SCHEMA}.code_system.id", ondelete="SET NULL")
+    )
+
+    concepts: Mapped[list[ComposeConcept]] = relationship(
+        viewonly=True, order_by="ComposeConcept.position"
+    )
+    filters: Mapped[list[ComposeFilter]] = relationship(
+        viewonly=True, order_by="ComposeFilter.position"
+    )
+    imports: Mapped[list[ComposeImport]] = relationship(
+        viewonly=True, order_by="ComposeImport.position"
+    )
+
+
+class ComposeConcept(Base):
+    """An enumerated code of a rule (``include.concept``), with the display it gives."""
+
+    __tablename__ = "compose_concept"
+    __table_args__ = (Index(None, "rule_id", "code"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rule_id: Mapped[int] = mapped_column(_fk("compose_rule.id"))
+    position: Mapped[int] = mapped_column(Integer)
+    code: Mapped[str] = mapped_column(Text)
+    display: Mapped[str | None] = mapped_column(Text)
+
+
+class ComposeFilter(Base):
+    """A filter of a rule (``include.filter``: property, op, value)."""
+
+    __tablename__ = "compose_filter"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rule_id: Mapped[int] = mapped_column(_fk("compose_rule.id"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    property: Mapped[str] = mapped_column(Text)
+    op: Mapped[str] = mapped_column(String(32))
+    value: Mapped[str] = mapped_column(Text)
+
+
+class ComposeImport(Base):
+    """An imported value set of a rule (``include.valueSet``, ``url`` with ``|version``)."""
+
+    __tablename__ = "compose_import"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rule_id: Mapped[int] = mapped_column(_fk("compose_rule.id"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    url: Mapped[str] = mapped_column(Text)
+    version: Mapped[str | None] = mapped_column(Text)
+    #: The loaded value set the canonical resolves to (set by every load).
+    value_set_id: Mapped[int | None] = mapped_column(
+        ForeignKey(f"{SCHEMA}.value_set.id", ondelete="SET NULL"), index=True
+    )
+
+
+class ComposeRuleCode(Base):
+    """The codes the system part of a rule selects (its concepts, filters or all).
+
+    Computed by every load from :class:`ComposeConcept`, :class:`ComposeFilter` and the
+    code system, so that expansion and validation look codes up by index.
+    """
+
+    __tablename__ = "compose_rule_code"
+
+    rule_id: Mapped[int] = mapped_column(_fk("compose_rule.id"), primary_key=True)
+    system: Mapped[str] = mapped_column(Text, primary_key=True)
+    code: Mapped[str] = mapped_column(Text, primary_key=True)
+    display: Mapped[str | None] = mapped_column(Text)
+    version: Mapped[str | None] = mapped_column(Text)
+    inactive: Mapped[bool] = mapped_column(Boolean)
+    abstract: Mapped[bool] = mapped_column(Boolean)
+
+
+class ValueSetMember(Base):
+    """A member of the expansion of a value set (computed by every load)."""
+
+    __tablename__ = "value_set_member"
+
+    value_set_id: Mapped[int] = mapped_column(_fk("value_set.id"), primary_key=True)
+    system: Mapped[str] = mapped_column(Text, primary_key=True)
+    code: Mapped[str] = mapped_column(Text, primary_key=True)
+    #: The code system's version when it is loaded, else the include's version.
+    version: Mapped[str | None] = mapped_column(Text)
+    #: The code system's display when it is loaded, else the value set's display.
+    display: Mapped[str | None] = mapped_column(Text)
+    inactive: Mapped[bool] = mapped_column(Boolean)
+    abstract: Mapped[bool] = mapped_column(Boolean)
+
+
+Index("ix_value_set_member_system_code", ValueSetMember.system, ValueSetMember.code)
