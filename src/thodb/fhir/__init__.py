@@ -1,0 +1,1 @@
+"""Reading FHIR terminology resources."""
