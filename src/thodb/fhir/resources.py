@@ -1,0 +1,509 @@
+"""FHIR CodeSystem and ValueSet resources in thodb's internal form.
+
+Input arrives as FHIR JSON (XML is turned into the same dicts by :mod:`thodb.fhir.xml`);
+this module checks it and turns it into records that the loader writes. Errors name the
+element path, e.g. ``compose.include[2].concept[5].code``.
+
+Element names follow FHIR R4 CodeSystem and ValueSet; R5-only elements are ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from thodb.canonical import split_canonical
+from thodb.errors import LoadError
+
+#: The base of canonical urls given to resources that carry none (THO's own base).
+DEFAULT_CANONICAL_BASE = "http://terminology.hl7.org"
+
+#: Filter operators of FHIR R5 ValueSet.compose.include.filter.op (filter-operator).
+FILTER_OPERATORS = frozenset(
+    {
+        "=",
+        "is-a",
+        "descendent-of",
+        "is-not-a",
+        "regex",
+        "in",
+        "not-in",
+        "generalizes",
+        "child-of",
+        "descendent-leaf",
+        "exists",
+    }
+)
+
+# Concept properties with a meaning FHIR defines (R5 codesystem-concept-properties),
+# known by their code or by the uri a code system declares for them.
+_CONCEPT_PROPERTIES_URI = "http://hl7.org/fhir/concept-properties#"
+_HIERARCHY_UP = frozenset({"parent", "subsumedBy"})
+_INACTIVE_STATUSES = frozenset({"retired", "inactive"})
+
+_PROPERTY_VALUE_TYPES = {
+    "valueCode": "code",
+    "valueCoding": "Coding",
+    "valueString": "string",
+    "valueInteger": "integer",
+    "valueBoolean": "boolean",
+    "valueDateTime": "dateTime",
+    "valueDecimal": "decimal",
+}
+
+
+@dataclass
+class DesignationRecord:
+    """A ``concept.designation``."""
+
+    value: str
+    language: str | None = None
+    use_system: str | None = None
+    use_code: str | None = None
+
+
+@dataclass
+class PropertyRecord:
+    """A ``concept.property`` value, as text (see :class:`thodb.models.ConceptProperty`)."""
+
+    code: str
+    type: str
+    value: str | None
+    value_system: str | None = None
+
+
+@dataclass
+class ConceptRecord:
+    """A concept of a code system, with its parents as codes."""
+
+    code: str
+    display: str | None
+    definition: str | None
+    status: str | None = None
+    inactive: bool = False
+    abstract: bool = False
+    parents: list[str] = field(default_factory=list)
+    designations: list[DesignationRecord] = field(default_factory=list)
+    properties: list[PropertyRecord] = field(default_factory=list)
+
+
+@dataclass
+class CodeSystemRecord:
+    """A CodeSystem resource ready to be written."""
+
+    url: str
+    version: str | None
+    source: str
+    content_hash: str
+    name: str | None = None
+    title: str | None = None
+    status: str | None = None
+    content: str | None = None
+    hierarchy_meaning: str | None = None
+    case_sensitive: bool | None = None
+    supplements: str | None = None
+    value_set: str | None = None
+    properties: list[tuple[str, str | None, str | None, str | None]] = field(
+        default_factory=list
+    )
+    concepts: list[ConceptRecord] = field(default_factory=list)
+
+
+@dataclass
+class RuleRecord:
+    """One ``compose.include`` or ``compose.exclude`` element."""
+
+    kind: str
+    position: int
+    system: str | None
+    version: str | None
+    concepts: list[tuple[str, str | None]] = field(default_factory=list)
+    filters: list[tuple[str, str, str]] = field(default_factory=list)
+    imports: list[tuple[str, str | None]] = field(default_factory=list)
+
+
+@dataclass
+class ValueSetRecord:
+    """A ValueSet resource ready to be written."""
+
+    url: str
+    version: str | None
+    source: str
+    content_hash: str
+    has_compose: bool
+    name: str | None = None
+    title: str | None = None
+    status: str | None = None
+    rules: list[RuleRecord] = field(default_factory=list)
+
+
+Record = CodeSystemRecord | ValueSetRecord
+
+
+def content_hash(resource: dict[str, Any]) -> str:
+    """SHA-256 of the resource's canonical JSON (sorted keys, no insignificant spaces)."""
+    text = json.dumps(
+        resource, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class _Reader:
+    """Typed access to one resource's elements, raising errors that name the path."""
+
+    def __init__(self, source: str, prefix: str) -> None:
+        self.source = source
+        self.prefix = prefix
+
+    def error(self, path: str, message: str) -> LoadError:
+        return LoadError(self.source, self.prefix + path, message)
+
+    def string(self, obj: dict[str, Any], key: str, path: str) -> str | None:
+        value = obj.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise self.error(_join(path, key), f"must be a string, not {_kind(value)}")
+        return value
+
+    def required(self, obj: dict[str, Any], key: str, path: str) -> str:
+        value = self.string(obj, key, path)
+        if value is None or not value.strip():
+            raise self.error(_join(path, key), "is missing or empty")
+        return value
+
+    def boolean(self, obj: dict[str, Any], key: str, path: str) -> bool | None:
+        value = obj.get(key)
+        if value is None or isinstance(value, bool):
+            return value
+        raise self.error(_join(path, key), f"must be true or false, not {value!r}")
+
+    def objects(self, obj: dict[str, Any], key: str, path: str) -> list[dict[str, Any]]:
+        value = obj.get(key)
+        if value is None:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise self.error(_join(path, key), "must be an array of objects")
+        return value
+
+    def strings(self, obj: dict[str, Any], key: str, path: str) -> list[str]:
+        value = obj.get(key)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self.error(_join(path, key), "must be an array of strings")
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not item.strip():
+                raise self.error(
+                    f"{_join(path, key)}[{i}]", "must be a non-empty string"
+                )
+        return value
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    return repr(value)
+
+
+def parse_resource(
+    resource: dict[str, Any],
+    source: str,
+    *,
+    canonical_base: str = DEFAULT_CANONICAL_BASE,
+    path_prefix: str = "",
+) -> Record:
+    """Check a CodeSystem or ValueSet in FHIR JSON form and turn it into a record.
+
+    :param resource: the resource as parsed JSON (or XML turned into the same form).
+    :param source: the file it came from, for error messages.
+    :param canonical_base: base for ``url`` when the resource has none:
+        ``<canonical_base>/<resourceType>/<id>``.
+    :param path_prefix: prefix of element paths (``entry[3].resource.`` in a Bundle).
+    :raises LoadError: naming the file and element path of the first problem.
+    """
+    reader = _Reader(source, path_prefix)
+    kind = resource.get("resourceType")
+    if kind == "CodeSystem":
+        return _code_system(reader, resource, canonical_base)
+    if kind == "ValueSet":
+        return _value_set(reader, resource, canonical_base)
+    raise reader.error(
+        "resourceType", f"expected CodeSystem or ValueSet, found {kind!r}"
+    )
+
+
+def _url(reader: _Reader, resource: dict[str, Any], base: str) -> str:
+    url = reader.string(resource, "url", "")
+    if url:
+        return url
+    rid = reader.string(resource, "id", "")
+    if not rid:
+        raise reader.error("url", "is missing, and there is no id to derive it from")
+    return f"{base.rstrip('/')}/{resource['resourceType']}/{rid}"
+
+
+def _code_system(
+    reader: _Reader, resource: dict[str, Any], base: str
+) -> CodeSystemRecord:
+    record = CodeSystemRecord(
+        url=_url(reader, resource, base),
+        version=reader.string(resource, "version", ""),
+        source=reader.source,
+        content_hash=content_hash(resource),
+        name=reader.string(resource, "name", ""),
+        title=reader.string(resource, "title", ""),
+        status=reader.string(resource, "status", ""),
+        content=reader.string(resource, "content", ""),
+        hierarchy_meaning=reader.string(resource, "hierarchyMeaning", ""),
+        case_sensitive=reader.boolean(resource, "caseSensitive", ""),
+        supplements=reader.string(resource, "supplements", ""),
+        value_set=reader.string(resource, "valueSet", ""),
+    )
+
+    meaning: dict[str, str] = {}
+    for i, prop in enumerate(reader.objects(resource, "property", "")):
+        path = f"property[{i}]"
+        code = reader.required(prop, "code", path)
+        uri = reader.string(prop, "uri", path)
+        record.properties.append(
+            (
+                code,
+                uri,
+                reader.string(prop, "type", path),
+                reader.string(prop, "description", path),
+            )
+        )
+        if uri and uri.startswith(_CONCEPT_PROPERTIES_URI):
+            meaning[code] = uri[len(_CONCEPT_PROPERTIES_URI) :]
+
+    seen: dict[str, str] = {}
+    children: list[tuple[str, str, str]] = []
+    _concepts(reader, resource, "", None, record, meaning, seen, children)
+    _check_hierarchy(reader, record, seen, children)
+    return record
+
+
+def _concepts(
+    reader: _Reader,
+    parent_obj: dict[str, Any],
+    parent_path: str,
+    parent_code: str | None,
+    record: CodeSystemRecord,
+    meaning: dict[str, str],
+    seen: dict[str, str],
+    children: list[tuple[str, str, str]],
+) -> None:
+    for i, obj in enumerate(reader.objects(parent_obj, "concept", parent_path)):
+        path = f"{_join(parent_path, 'concept')}[{i}]"
+        code = reader.required(obj, "code", path)
+        if code in seen:
+            raise reader.error(
+                f"{path}.code", f"duplicate code {code!r} (first at {seen[code]})"
+            )
+        seen[code] = path
+        concept = ConceptRecord(
+            code=code,
+            display=reader.string(obj, "display", path),
+            definition=reader.string(obj, "definition", path),
+        )
+        if parent_code is not None:
+            concept.parents.append(parent_code)
+        for j, designation in enumerate(reader.objects(obj, "designation", path)):
+            dpath = f"{path}.designation[{j}]"
+            raw_use = designation.get("use")
+            use: dict[str, Any] = raw_use if isinstance(raw_use, dict) else {}
+            concept.designations.append(
+                DesignationRecord(
+                    value=reader.required(designation, "value", dpath),
+                    language=reader.string(designation, "language", dpath),
+                    use_system=reader.string(use, "system", f"{dpath}.use"),
+                    use_code=reader.string(use, "code", f"{dpath}.use"),
+                )
+            )
+        for j, prop in enumerate(reader.objects(obj, "property", path)):
+            ppath = f"{path}.property[{j}]"
+            _property(reader, prop, ppath, concept, meaning, children)
+        record.concepts.append(concept)
+        _concepts(reader, obj, path, code, record, meaning, seen, children)
+
+
+def _property(
+    reader: _Reader,
+    prop: dict[str, Any],
+    path: str,
+    concept: ConceptRecord,
+    meaning: dict[str, str],
+    children: list[tuple[str, str, str]],
+) -> None:
+    code = reader.required(prop, "code", path)
+    found = [key for key in _PROPERTY_VALUE_TYPES if key in prop]
+    if len(found) != 1:
+        raise reader.error(path, "must have exactly one value[x]")
+    key = found[0]
+    raw = prop[key]
+    system = None
+    if key == "valueCoding":
+        if not isinstance(raw, dict):
+            raise reader.error(f"{path}.valueCoding", "must be an object")
+        system = reader.string(raw, "system", f"{path}.valueCoding")
+        value: str | None = reader.string(raw, "code", f"{path}.valueCoding")
+    elif isinstance(raw, bool):
+        value = "true" if raw else "false"
+    elif isinstance(raw, (int, float, str)):
+        value = str(raw)
+    else:
+        raise reader.error(f"{path}.{key}", f"must be a primitive, not {_kind(raw)}")
+    concept.properties.append(
+        PropertyRecord(code, _PROPERTY_VALUE_TYPES[key], value, system)
+    )
+
+    role = meaning.get(code, code)
+    if role in _HIERARCHY_UP and value:
+        concept.parents.append(value)
+    elif role == "child" and value:
+        children.append((concept.code, value, f"{path}.{key}"))
+    elif role == "inactive" and value == "true":
+        concept.inactive = True
+    elif role == "status" and value:
+        concept.status = value
+        concept.inactive = concept.inactive or value in _INACTIVE_STATUSES
+    elif role in ("notSelectable", "abstract") and value == "true":
+        concept.abstract = True
+
+
+def _check_hierarchy(
+    reader: _Reader,
+    record: CodeSystemRecord,
+    seen: dict[str, str],
+    children: list[tuple[str, str, str]],
+) -> None:
+    by_code = {concept.code: concept for concept in record.concepts}
+    for parent, child, path in children:
+        if child not in by_code:
+            raise reader.error(
+                path, f"child {child!r} is not a code of this code system"
+            )
+        if parent not in by_code[child].parents:
+            by_code[child].parents.append(parent)
+    for concept in record.concepts:
+        for parent in concept.parents:
+            if parent not in by_code:
+                raise reader.error(
+                    seen[concept.code],
+                    f"parent {parent!r} of {concept.code!r} is not a code of this "
+                    "code system",
+                )
+    _reject_cycles(reader, by_code, seen)
+
+
+def _reject_cycles(
+    reader: _Reader, by_code: dict[str, ConceptRecord], seen: dict[str, str]
+) -> None:
+    # Iterative depth-first search over parent edges; grey = on the current path.
+    state: dict[str, int] = {}
+    for start in by_code:
+        if state.get(start):
+            continue
+        stack: list[tuple[str, int]] = [(start, 0)]
+        path: list[str] = []
+        while stack:
+            code, index = stack.pop()
+            if index == 0:
+                state[code] = 1
+                path.append(code)
+            parents = by_code[code].parents
+            if index < len(parents):
+                stack.append((code, index + 1))
+                parent = parents[index]
+                if state.get(parent) == 1:
+                    cycle = path[path.index(parent) :] + [parent]
+                    raise reader.error(
+                        seen[code],
+                        "concept hierarchy has a cycle: " + " -> ".join(cycle),
+                    )
+                if not state.get(parent):
+                    stack.append((parent, 0))
+            else:
+                state[code] = 2
+                path.pop()
+
+
+def _value_set(reader: _Reader, resource: dict[str, Any], base: str) -> ValueSetRecord:
+    compose = resource.get("compose")
+    if compose is not None and not isinstance(compose, dict):
+        raise reader.error("compose", "must be an object")
+    record = ValueSetRecord(
+        url=_url(reader, resource, base),
+        version=reader.string(resource, "version", ""),
+        source=reader.source,
+        content_hash=content_hash(resource),
+        has_compose=compose is not None,
+        name=reader.string(resource, "name", ""),
+        title=reader.string(resource, "title", ""),
+        status=reader.string(resource, "status", ""),
+    )
+    if compose is None:
+        return record
+    for kind in ("include", "exclude"):
+        for i, rule in enumerate(reader.objects(compose, kind, "compose")):
+            record.rules.append(_rule(reader, rule, f"compose.{kind}[{i}]", kind, i))
+    if not any(rule.kind == "include" for rule in record.rules):
+        raise reader.error("compose.include", "a compose needs at least one include")
+    return record
+
+
+def _rule(
+    reader: _Reader, obj: dict[str, Any], path: str, kind: str, position: int
+) -> RuleRecord:
+    rule = RuleRecord(
+        kind=kind,
+        position=position,
+        system=reader.string(obj, "system", path),
+        version=reader.string(obj, "version", path),
+    )
+    for reference in reader.strings(obj, "valueSet", path):
+        url, version = split_canonical(reference.strip())
+        rule.imports.append((url, version))
+    for j, concept in enumerate(reader.objects(obj, "concept", path)):
+        cpath = f"{path}.concept[{j}]"
+        rule.concepts.append(
+            (
+                reader.required(concept, "code", cpath),
+                reader.string(concept, "display", cpath),
+            )
+        )
+    for j, flt in enumerate(reader.objects(obj, "filter", path)):
+        fpath = f"{path}.filter[{j}]"
+        op = reader.required(flt, "op", fpath)
+        if op not in FILTER_OPERATORS:
+            raise reader.error(
+                f"{fpath}.op",
+                f"unknown filter operator {op!r} (FHIR defines: "
+                + ", ".join(sorted(FILTER_OPERATORS))
+                + ")",
+            )
+        value = flt.get("value")
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        if not isinstance(value, str) or not value:
+            raise reader.error(f"{fpath}.value", "is missing or empty")
+        if op in ("in", "not-in"):
+            value = ",".join(part.strip() for part in value.split(","))
+        rule.filters.append((reader.required(flt, "property", fpath), op, value))
+
+    if rule.system is None and not rule.imports:
+        raise reader.error(path, "has neither system nor valueSet")
+    if rule.system is None and (rule.concepts or rule.filters):
+        raise reader.error(path, "lists concepts or filters but has no system")
+    if rule.concepts and rule.filters:
+        raise reader.error(path, "has both concept and filter; FHIR allows one of them")
+    return rule
