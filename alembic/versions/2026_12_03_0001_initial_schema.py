@@ -47,8 +47,11 @@ def upgrade() -> None:
         schema=SCHEMA,
     )
     op.create_index(
-        "uq_code_system_url_version", "code_system",
-        ["url", sa.text("coalesce(version, '')")], unique=True, schema=SCHEMA,
+        "uq_code_system_url_version",
+        "code_system",
+        ["url", sa.text("coalesce(version, '')")],
+        unique=True,
+        schema=SCHEMA,
     )
     op.create_table(
         "code_system_property",
@@ -59,7 +62,9 @@ def upgrade() -> None:
         sa.Column("type", sa.String(16), nullable=True),
         sa.Column("description", text(), nullable=True),
         sa.ForeignKeyConstraint(
-            ["code_system_id"], [f"{SCHEMA}.code_system.id"], ondelete="CASCADE",
+            ["code_system_id"],
+            [f"{SCHEMA}.code_system.id"],
+            ondelete="CASCADE",
             name="fk_code_system_property_code_system_id_code_system",
         ),
         sa.PrimaryKeyConstraint("id", name="pk_code_system_property"),
@@ -79,26 +84,36 @@ def upgrade() -> None:
         sa.Column("inactive", sa.Boolean(), nullable=False),
         sa.Column("abstract", sa.Boolean(), nullable=False),
         sa.ForeignKeyConstraint(
-            ["code_system_id"], [f"{SCHEMA}.code_system.id"], ondelete="CASCADE",
+            ["code_system_id"],
+            [f"{SCHEMA}.code_system.id"],
+            ondelete="CASCADE",
             name="fk_concept_code_system_id_code_system",
         ),
         sa.PrimaryKeyConstraint("id", name="pk_concept"),
-        sa.UniqueConstraint("code_system_id", "code", name="uq_concept_code_system_id_code"),
+        sa.UniqueConstraint(
+            "code_system_id", "code", name="uq_concept_code_system_id_code"
+        ),
         schema=SCHEMA,
     )
     for table, value_columns in (
-        ("concept_designation", [
-            sa.Column("language", sa.String(32), nullable=True),
-            sa.Column("use_system", text(), nullable=True),
-            sa.Column("use_code", text(), nullable=True),
-            sa.Column("value", text(), nullable=False),
-        ]),
-        ("concept_property", [
-            sa.Column("code", text(), nullable=False),
-            sa.Column("type", sa.String(16), nullable=False),
-            sa.Column("value", text(), nullable=True),
-            sa.Column("value_system", text(), nullable=True),
-        ]),
+        (
+            "concept_designation",
+            [
+                sa.Column("language", sa.String(32), nullable=True),
+                sa.Column("use_system", text(), nullable=True),
+                sa.Column("use_code", text(), nullable=True),
+                sa.Column("value", text(), nullable=False),
+            ],
+        ),
+        (
+            "concept_property",
+            [
+                sa.Column("code", text(), nullable=False),
+                sa.Column("type", sa.String(16), nullable=False),
+                sa.Column("value", text(), nullable=True),
+                sa.Column("value_system", text(), nullable=True),
+            ],
+        ),
     ):
         op.create_table(
             table,
@@ -106,7 +121,9 @@ def upgrade() -> None:
             sa.Column("concept_id", sa.Integer(), nullable=False),
             *value_columns,
             sa.ForeignKeyConstraint(
-                ["concept_id"], [f"{SCHEMA}.concept.id"], ondelete="CASCADE",
+                ["concept_id"],
+                [f"{SCHEMA}.concept.id"],
+                ondelete="CASCADE",
                 name=f"fk_{table}_concept_id_concept",
             ),
             sa.PrimaryKeyConstraint("id", name=f"pk_{table}"),
@@ -114,7 +131,9 @@ def upgrade() -> None:
         )
         op.create_index(f"ix_{table}_concept_id", table, ["concept_id"], schema=SCHEMA)
     op.create_index(
-        "ix_concept_property_code_value", "concept_property", ["code", "value"],
+        "ix_concept_property_code_value",
+        "concept_property",
+        ["code", "value"],
         schema=SCHEMA,
     )
     op.create_table(
@@ -122,11 +141,15 @@ def upgrade() -> None:
         sa.Column("concept_id", sa.Integer(), nullable=False),
         sa.Column("parent_id", sa.Integer(), nullable=False),
         sa.ForeignKeyConstraint(
-            ["concept_id"], [f"{SCHEMA}.concept.id"], ondelete="CASCADE",
+            ["concept_id"],
+            [f"{SCHEMA}.concept.id"],
+            ondelete="CASCADE",
             name="fk_concept_parent_concept_id_concept",
         ),
         sa.ForeignKeyConstraint(
-            ["parent_id"], [f"{SCHEMA}.concept.id"], ondelete="CASCADE",
+            ["parent_id"],
+            [f"{SCHEMA}.concept.id"],
+            ondelete="CASCADE",
             name="fk_concept_parent_parent_id_concept",
         ),
         sa.PrimaryKeyConstraint("concept_id", "parent_id", name="pk_concept_parent"),
@@ -155,8 +178,11 @@ def upgrade() -> None:
         schema=SCHEMA,
     )
     op.create_index(
-        "uq_value_set_url_version", "value_set",
-        ["url", sa.text("coalesce(version, '')")], unique=True, schema=SCHEMA,
+        "uq_value_set_url_version",
+        "value_set",
+        ["url", sa.text("coalesce(version, '')")],
+        unique=True,
+        schema=SCHEMA,
     )
     op.create_index("ix_value_set_stratum", "value_set", ["stratum"], schema=SCHEMA)
     op.create_table(
@@ -170,11 +196,15 @@ def upgrade() -> None:
         sa.Column("import_count", sa.Integer(), nullable=False),
         sa.Column("code_system_id", sa.Integer(), nullable=True),
         sa.ForeignKeyConstraint(
-            ["value_set_id"], [f"{SCHEMA}.value_set.id"], ondelete="CASCADE",
+            ["value_set_id"],
+            [f"{SCHEMA}.value_set.id"],
+            ondelete="CASCADE",
             name="fk_compose_rule_value_set_id_value_set",
         ),
         sa.ForeignKeyConstraint(
-            ["code_system_id"], [f"{SCHEMA}.code_system.id"], ondelete="SET NULL",
+            ["code_system_id"],
+            [f"{SCHEMA}.code_system.id"],
+            ondelete="SET NULL",
             name="fk_compose_rule_code_system_id_code_system",
         ),
         sa.PrimaryKeyConstraint("id", name="pk_compose_rule"),
@@ -184,24 +214,35 @@ def upgrade() -> None:
         "ix_compose_rule_value_set_id", "compose_rule", ["value_set_id"], schema=SCHEMA
     )
     for table, value_columns in (
-        ("compose_concept", [
-            sa.Column("code", text(), nullable=False),
-            sa.Column("display", text(), nullable=True),
-        ]),
-        ("compose_filter", [
-            sa.Column("property", text(), nullable=False),
-            sa.Column("op", sa.String(32), nullable=False),
-            sa.Column("value", text(), nullable=False),
-        ]),
-        ("compose_import", [
-            sa.Column("url", text(), nullable=False),
-            sa.Column("version", text(), nullable=True),
-            sa.Column("value_set_id", sa.Integer(), nullable=True),
-            sa.ForeignKeyConstraint(
-                ["value_set_id"], [f"{SCHEMA}.value_set.id"], ondelete="SET NULL",
-                name="fk_compose_import_value_set_id_value_set",
-            ),
-        ]),
+        (
+            "compose_concept",
+            [
+                sa.Column("code", text(), nullable=False),
+                sa.Column("display", text(), nullable=True),
+            ],
+        ),
+        (
+            "compose_filter",
+            [
+                sa.Column("property", text(), nullable=False),
+                sa.Column("op", sa.String(32), nullable=False),
+                sa.Column("value", text(), nullable=False),
+            ],
+        ),
+        (
+            "compose_import",
+            [
+                sa.Column("url", text(), nullable=False),
+                sa.Column("version", text(), nullable=True),
+                sa.Column("value_set_id", sa.Integer(), nullable=True),
+                sa.ForeignKeyConstraint(
+                    ["value_set_id"],
+                    [f"{SCHEMA}.value_set.id"],
+                    ondelete="SET NULL",
+                    name="fk_compose_import_value_set_id_value_set",
+                ),
+            ],
+        ),
     ):
         op.create_table(
             table,
@@ -210,14 +251,18 @@ def upgrade() -> None:
             sa.Column("position", sa.Integer(), nullable=False),
             *value_columns,
             sa.ForeignKeyConstraint(
-                ["rule_id"], [f"{SCHEMA}.compose_rule.id"], ondelete="CASCADE",
+                ["rule_id"],
+                [f"{SCHEMA}.compose_rule.id"],
+                ondelete="CASCADE",
                 name=f"fk_{table}_rule_id_compose_rule",
             ),
             sa.PrimaryKeyConstraint("id", name=f"pk_{table}"),
             schema=SCHEMA,
         )
     op.create_index(
-        "ix_compose_concept_rule_id_code", "compose_concept", ["rule_id", "code"],
+        "ix_compose_concept_rule_id_code",
+        "compose_concept",
+        ["rule_id", "code"],
         schema=SCHEMA,
     )
     op.create_index(
@@ -227,7 +272,9 @@ def upgrade() -> None:
         "ix_compose_import_rule_id", "compose_import", ["rule_id"], schema=SCHEMA
     )
     op.create_index(
-        "ix_compose_import_value_set_id", "compose_import", ["value_set_id"],
+        "ix_compose_import_value_set_id",
+        "compose_import",
+        ["value_set_id"],
         schema=SCHEMA,
     )
     op.create_table(
@@ -240,10 +287,14 @@ def upgrade() -> None:
         sa.Column("inactive", sa.Boolean(), nullable=False),
         sa.Column("abstract", sa.Boolean(), nullable=False),
         sa.ForeignKeyConstraint(
-            ["rule_id"], [f"{SCHEMA}.compose_rule.id"], ondelete="CASCADE",
+            ["rule_id"],
+            [f"{SCHEMA}.compose_rule.id"],
+            ondelete="CASCADE",
             name="fk_compose_rule_code_rule_id_compose_rule",
         ),
-        sa.PrimaryKeyConstraint("rule_id", "system", "code", name="pk_compose_rule_code"),
+        sa.PrimaryKeyConstraint(
+            "rule_id", "system", "code", name="pk_compose_rule_code"
+        ),
         schema=SCHEMA,
     )
     op.create_table(
@@ -256,7 +307,9 @@ def upgrade() -> None:
         sa.Column("inactive", sa.Boolean(), nullable=False),
         sa.Column("abstract", sa.Boolean(), nullable=False),
         sa.ForeignKeyConstraint(
-            ["value_set_id"], [f"{SCHEMA}.value_set.id"], ondelete="CASCADE",
+            ["value_set_id"],
+            [f"{SCHEMA}.value_set.id"],
+            ondelete="CASCADE",
             name="fk_value_set_member_value_set_id_value_set",
         ),
         sa.PrimaryKeyConstraint(
@@ -265,7 +318,9 @@ def upgrade() -> None:
         schema=SCHEMA,
     )
     op.create_index(
-        "ix_value_set_member_system_code", "value_set_member", ["system", "code"],
+        "ix_value_set_member_system_code",
+        "value_set_member",
+        ["system", "code"],
         schema=SCHEMA,
     )
 

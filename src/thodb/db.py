@@ -60,8 +60,10 @@ def safe_url(url: str | sa.URL) -> str:
 
 def is_sqlite(bind: Engine | sa.Connection | Session) -> bool:
     """True when ``bind`` talks to SQLite."""
-    return bind.get_bind().dialect.name == "sqlite" if isinstance(bind, Session) else (
-        bind.dialect.name == "sqlite"
+    return (
+        bind.get_bind().dialect.name == "sqlite"
+        if isinstance(bind, Session)
+        else (bind.dialect.name == "sqlite")
     )
 
 
@@ -88,7 +90,9 @@ def create_engine(url: str | None = None, **kwargs: Any) -> Engine:
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         kwargs.setdefault("connect_args", {}).setdefault("timeout", 60)
-    elif parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
+    elif (
+        parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql"
+    ):
         # Plain postgresql:// would pick psycopg2, which thodb does not depend on.
         parsed = parsed.set(drivername="postgresql+psycopg")
 

@@ -10,6 +10,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import Connection
 from sqlalchemy.engine import Engine
 
 from thodb.db import WRITE_OPTION, is_sqlite
@@ -30,44 +31,49 @@ def script_location() -> Path:
     return Path(__file__).resolve().parents[2] / "alembic"
 
 
-def _config(engine: Engine) -> Config:
+def _config() -> Config:
     config = Config(stdout=io.StringIO())
     config.set_main_option("script_location", str(script_location()))
     config.set_main_option("path_separator", "os")
-    config.attributes["engine"] = engine
     return config
 
 
-def _run(engine: Engine, action: str, revision: str) -> None:
-    config = _config(engine)
-    with engine.execution_options(**{WRITE_OPTION: True}).begin() as connection:
+def _run(bind: Engine | Connection, action: str, revision: str) -> None:
+    config = _config()
+    if isinstance(bind, Connection):
+        config.attributes["connection"] = bind
+        getattr(command, action)(config, revision)
+        return
+    with bind.execution_options(**{WRITE_OPTION: True}).begin() as connection:
         config.attributes["connection"] = connection
-        if action == "upgrade":
-            command.upgrade(config, revision)
-        else:
-            command.downgrade(config, revision)
+        getattr(command, action)(config, revision)
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Migrate the schema up to ``revision`` (default: the newest), in one transaction."""
+def upgrade(bind: Engine | Connection, revision: str = "head") -> None:
+    """Migrate the schema up to ``revision`` (default: the newest).
+
+    Given an engine, the migration runs in a transaction of its own; given a
+    connection, in the connection's transaction.
+    """
     log.info("upgrading schema to %s", revision)
-    _run(engine, "upgrade", revision)
+    _run(bind, "upgrade", revision)
 
 
-def downgrade(engine: Engine, revision: str = "-1") -> None:
+def downgrade(bind: Engine | Connection, revision: str = "-1") -> None:
     """Migrate the schema down to ``revision`` (``base`` removes every table)."""
     log.info("downgrading schema to %s", revision)
-    _run(engine, "downgrade", revision)
+    _run(bind, "downgrade", revision)
 
 
-def current(engine: Engine) -> str | None:
+def current(bind: Engine | Connection) -> str | None:
     """The revision the database is at, or ``None`` when it has no thodb schema."""
-    with engine.connect() as connection:
-        context = MigrationContext.configure(
-            connection,
-            opts={"version_table_schema": None if is_sqlite(engine) else SCHEMA},
-        )
-        return context.get_current_revision()
+    if isinstance(bind, Engine):
+        with bind.connect() as connection:
+            return current(connection)
+    context = MigrationContext.configure(
+        bind, opts={"version_table_schema": None if is_sqlite(bind) else SCHEMA}
+    )
+    return context.get_current_revision()
 
 
 def head() -> str | None:

@@ -79,9 +79,7 @@ class CodeSystem(Base):
     concepts: Mapped[list[Concept]] = relationship(
         back_populates="code_system", viewonly=True
     )
-    properties: Mapped[list[CodeSystemProperty]] = relationship(
-        viewonly=True
-    )
+    properties: Mapped[list[CodeSystemProperty]] = relationship(viewonly=True)
 
 
 # A NULL version is a version of its own, so uniqueness is on coalesce(version, '').
@@ -126,12 +124,8 @@ class Concept(Base):
     abstract: Mapped[bool] = mapped_column(Boolean)
 
     code_system: Mapped[CodeSystem] = relationship(back_populates="concepts")
-    designations: Mapped[list[ConceptDesignation]] = relationship(
-        viewonly=True
-    )
-    properties: Mapped[list[ConceptProperty]] = relationship(
-        viewonly=True
-    )
+    designations: Mapped[list[ConceptDesignation]] = relationship(viewonly=True)
+    properties: Mapped[list[ConceptProperty]] = relationship(viewonly=True)
 
 
 class ConceptDesignation(Base):

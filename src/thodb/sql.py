@@ -1,0 +1,340 @@
+"""The recursive SQL statements of expansion, laid out as SQL.
+
+Each statement is written once with ``{p}`` for the schema prefix (``tho.`` on
+PostgreSQL, nothing on SQLite) and ``{instr}`` for the substring-position function;
+both come from a fixed set in :func:`render`, never from input. Every value is bound.
+
+FHIR meaning (R5 valueset.html#compose): members = union of ``include`` minus union of
+``exclude``; inside one include/exclude, the *system part* (its ``concept`` list, its
+``filter`` list, or else the whole code system) and every ``valueSet`` it names are
+intersected. ``is-a`` includes the code itself, ``descendent-of`` does not.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection, TextClause, text
+from sqlalchemy.orm import Session
+
+from thodb.db import schema_prefix
+
+#: Filter operators evaluated by RULE_CODES (others leave a value set not expandable).
+SUPPORTED_FILTERS = {
+    "is-a": ("concept", "code"),
+    "descendent-of": ("concept", "code"),
+    "is-not-a": ("concept", "code"),
+    "child-of": ("concept", "code"),
+    "descendent-leaf": ("concept", "code"),
+    "generalizes": ("concept", "code"),
+    "=": None,  # any property, plus concept/code and display
+    "in": None,
+    "not-in": None,
+    "exists": None,
+}
+
+
+def render(bind: Session | Connection, template: str) -> TextClause:
+    """Fill the dialect fragments of a statement template and wrap it as text."""
+    sqlite = schema_prefix(bind) == ""
+    return text(
+        template.format(p=schema_prefix(bind), instr="instr" if sqlite else "strpos")
+    )
+
+
+# The system part of every rule, as rows of compose_rule_code. Hierarchy filters walk
+# concept_parent down from the filter's code (or up, for generalizes); UNION (not
+# UNION ALL) makes each walk stop at concepts already reached, so a multi-parent
+# hierarchy is walked once per concept, and a cycle (refused at load) could not loop.
+RULE_CODES = """
+WITH RECURSIVE
+anchor(filter_id, concept_id) AS (
+    SELECT f.id, c.id
+    FROM {p}compose_filter f
+    JOIN {p}compose_rule r ON r.id = f.rule_id
+    JOIN {p}concept c ON c.code_system_id = r.code_system_id AND c.code = f.value
+    WHERE f.op IN ('is-a', 'descendent-of', 'is-not-a', 'child-of', 'descendent-leaf',
+                   'generalizes')
+      AND f.property IN ('concept', 'code')
+),
+below(filter_id, concept_id) AS (
+    SELECT a.filter_id, a.concept_id
+    FROM anchor a JOIN {p}compose_filter f ON f.id = a.filter_id
+    WHERE f.op <> 'generalizes'
+    UNION
+    SELECT b.filter_id, e.concept_id
+    FROM below b JOIN {p}concept_parent e ON e.parent_id = b.concept_id
+),
+above(filter_id, concept_id) AS (
+    SELECT a.filter_id, a.concept_id
+    FROM anchor a JOIN {p}compose_filter f ON f.id = a.filter_id
+    WHERE f.op = 'generalizes'
+    UNION
+    SELECT b.filter_id, e.parent_id
+    FROM above b JOIN {p}concept_parent e ON e.concept_id = b.concept_id
+),
+filter_match(filter_id, concept_id) AS (
+    -- is-a: the code and everything below it
+    SELECT b.filter_id, b.concept_id
+    FROM below b JOIN {p}compose_filter f ON f.id = b.filter_id
+    WHERE f.op = 'is-a'
+    UNION
+    -- descendent-of and descendent-leaf: below it, not the code itself
+    SELECT b.filter_id, b.concept_id
+    FROM below b JOIN {p}compose_filter f ON f.id = b.filter_id
+    WHERE f.op IN ('descendent-of', 'descendent-leaf')
+      AND NOT EXISTS (SELECT 1 FROM anchor a
+                      WHERE a.filter_id = b.filter_id AND a.concept_id = b.concept_id)
+      AND (f.op = 'descendent-of'
+           OR NOT EXISTS (SELECT 1 FROM {p}concept_parent e
+                          WHERE e.parent_id = b.concept_id))
+    UNION
+    -- child-of: the direct children
+    SELECT a.filter_id, e.concept_id
+    FROM anchor a
+    JOIN {p}compose_filter f ON f.id = a.filter_id
+    JOIN {p}concept_parent e ON e.parent_id = a.concept_id
+    WHERE f.op = 'child-of'
+    UNION
+    -- generalizes: the code and everything above it
+    SELECT filter_id, concept_id FROM above
+    UNION
+    -- is-not-a: every concept of the system that is not the code or below it
+    SELECT f.id, c.id
+    FROM {p}compose_filter f
+    JOIN {p}compose_rule r ON r.id = f.rule_id
+    JOIN {p}concept c ON c.code_system_id = r.code_system_id
+    WHERE f.op = 'is-not-a'
+      AND NOT EXISTS (SELECT 1 FROM below b
+                      WHERE b.filter_id = f.id AND b.concept_id = c.id)
+    UNION
+    -- = and in on the code or display
+    SELECT f.id, c.id
+    FROM {p}compose_filter f
+    JOIN {p}compose_rule r ON r.id = f.rule_id
+    JOIN {p}concept c ON c.code_system_id = r.code_system_id
+    WHERE (f.op = '=' AND f.property IN ('concept', 'code') AND c.code = f.value)
+       OR (f.op = '=' AND f.property = 'display' AND c.display = f.value)
+       OR (f.op = 'in' AND f.property IN ('concept', 'code')
+           AND {instr}(',' || f.value || ',', ',' || c.code || ',') > 0)
+       OR (f.op = 'not-in' AND f.property IN ('concept', 'code')
+           AND {instr}(',' || f.value || ',', ',' || c.code || ',') = 0)
+    UNION
+    -- =, in and exists on a concept property
+    SELECT f.id, c.id
+    FROM {p}compose_filter f
+    JOIN {p}compose_rule r ON r.id = f.rule_id
+    JOIN {p}concept c ON c.code_system_id = r.code_system_id
+    JOIN {p}concept_property cp ON cp.concept_id = c.id AND cp.code = f.property
+    WHERE (f.op = '=' AND cp.value = f.value)
+       OR (f.op = 'in' AND {instr}(',' || f.value || ',', ',' || cp.value || ',') > 0)
+       OR (f.op = 'exists' AND f.value = 'true')
+    UNION
+    -- not-in and exists = false on a concept property
+    SELECT f.id, c.id
+    FROM {p}compose_filter f
+    JOIN {p}compose_rule r ON r.id = f.rule_id
+    JOIN {p}concept c ON c.code_system_id = r.code_system_id
+    WHERE ((f.op = 'exists' AND f.value = 'false')
+           OR (f.op = 'not-in' AND f.property NOT IN ('concept', 'code')))
+      AND NOT EXISTS (
+          SELECT 1 FROM {p}concept_property cp
+          WHERE cp.concept_id = c.id AND cp.code = f.property
+            AND (f.op = 'exists'
+                 OR {instr}(',' || f.value || ',', ',' || cp.value || ',') > 0))
+)
+INSERT INTO {p}compose_rule_code
+    (rule_id, system, code, display, version, inactive, abstract)
+-- A concept list: its codes, whether or not their code system is loaded.
+SELECT r.id, r.system, k.code,
+       MIN(COALESCE(c.display, k.display)),
+       MIN(COALESCE(cs.version, r.version)),
+       COALESCE(MAX(CASE WHEN c.inactive THEN 1 ELSE 0 END), 0) = 1,
+       COALESCE(MAX(CASE WHEN c.abstract THEN 1 ELSE 0 END), 0) = 1
+FROM {p}compose_concept k
+JOIN {p}compose_rule r ON r.id = k.rule_id
+LEFT JOIN {p}concept c ON c.code_system_id = r.code_system_id AND c.code = k.code
+LEFT JOIN {p}code_system cs ON cs.id = r.code_system_id
+GROUP BY r.id, r.system, k.code
+UNION ALL
+-- Filters: the concepts that the first filter matches and every other filter too.
+SELECT r.id, r.system, c.code, c.display, cs.version, c.inactive, c.abstract
+FROM {p}compose_rule r
+JOIN {p}code_system cs ON cs.id = r.code_system_id
+JOIN {p}compose_filter f0 ON f0.rule_id = r.id AND f0.position = 0
+JOIN filter_match m0 ON m0.filter_id = f0.id
+JOIN {p}concept c ON c.id = m0.concept_id
+WHERE NOT EXISTS (
+    SELECT 1 FROM {p}compose_filter f
+    WHERE f.rule_id = r.id AND f.position > 0
+      AND NOT EXISTS (SELECT 1 FROM filter_match m
+                      WHERE m.filter_id = f.id AND m.concept_id = c.id))
+UNION ALL
+-- Neither: the whole code system.
+SELECT r.id, r.system, c.code, c.display, cs.version, c.inactive, c.abstract
+FROM {p}compose_rule r
+JOIN {p}code_system cs ON cs.id = r.code_system_id
+JOIN {p}concept c ON c.code_system_id = cs.id
+WHERE NOT EXISTS (SELECT 1 FROM {p}compose_concept k WHERE k.rule_id = r.id)
+  AND NOT EXISTS (SELECT 1 FROM {p}compose_filter f WHERE f.rule_id = r.id)
+"""
+
+# "Code m is in the system part of rule r" (a rule without system has no system part).
+_IN_SYSTEM_PART = """(r.system IS NULL OR EXISTS (
+          SELECT 1 FROM {p}compose_rule_code k
+          WHERE k.rule_id = r.id AND k.system = m.system AND k.code = m.code))"""
+
+# "Code m is in every value set rule r names after its first" (from earlier passes).
+_IN_OTHER_IMPORTS = """NOT EXISTS (
+          SELECT 1 FROM {p}compose_import j
+          WHERE j.rule_id = r.id AND j.position > 0
+            AND NOT EXISTS (SELECT 1 FROM {p}value_set_member m2
+                            WHERE m2.value_set_id = j.value_set_id
+                              AND m2.system = m.system AND m2.code = m.code))"""
+
+# "No exclude of value set r.value_set_id takes code m out": an exclude matches when m
+# is in its system part and in every value set it names (those are earlier passes).
+_NOT_EXCLUDED = """NOT EXISTS (
+          SELECT 1 FROM {p}compose_rule e
+          WHERE e.value_set_id = r.value_set_id AND e.kind = 'exclude'
+            AND (e.system IS NULL OR EXISTS (
+                SELECT 1 FROM {p}compose_rule_code k
+                WHERE k.rule_id = e.id AND k.system = m.system AND k.code = m.code))
+            AND NOT EXISTS (
+                SELECT 1 FROM {p}compose_import j
+                WHERE j.rule_id = e.id
+                  AND NOT EXISTS (SELECT 1 FROM {p}value_set_member m2
+                                  WHERE m2.value_set_id = j.value_set_id
+                                    AND m2.system = m.system AND m2.code = m.code)))"""
+
+# The members of every value set in `target`, in one recursive statement. Rows flow
+# up the import graph: a value set's codes are added to each value set that includes
+# it (an include naming exactly one value set is a union edge). An include that
+# intersects several value sets, and an exclude that names value sets, are not
+# monotone, so their value sets come from value_set_member, filled by an earlier pass
+# (see thodb.expand.refresh). UNION keeps each (value set, code, display...) once,
+# which is what makes a diamond (two import paths reaching the same set) cost nothing
+# extra and bounds the recursion by the number of distinct rows.
+_MEMBERS = (
+    """
+member(value_set_id, system, code, display, version, inactive, abstract) AS (
+    -- An include without valueSet: the codes of its system part.
+    SELECT r.value_set_id, m.system, m.code, m.display, m.version, m.inactive,
+           m.abstract
+    FROM {p}compose_rule r
+    JOIN target t ON t.value_set_id = r.value_set_id
+    JOIN {p}compose_rule_code m ON m.rule_id = r.id
+    WHERE r.kind = 'include' AND r.import_count = 0
+      AND """
+    + _NOT_EXCLUDED
+    + """
+    UNION
+    -- An include whose value sets were expanded in an earlier pass: the members of the
+    -- first that are also in the others and in the system part.
+    SELECT r.value_set_id, m.system, m.code, m.display, m.version, m.inactive,
+           m.abstract
+    FROM {p}compose_rule r
+    JOIN target t ON t.value_set_id = r.value_set_id
+    JOIN {p}compose_import i ON i.rule_id = r.id AND i.position = 0
+    JOIN {p}value_set_member m ON m.value_set_id = i.value_set_id
+    WHERE r.kind = 'include'
+      AND (r.import_count > 1
+           OR i.value_set_id NOT IN (SELECT value_set_id FROM target))
+      AND """
+    + _IN_OTHER_IMPORTS
+    + """
+      AND """
+    + _IN_SYSTEM_PART
+    + """
+      AND """
+    + _NOT_EXCLUDED
+    + """
+    UNION
+    -- An include of exactly one value set of this statement: its members, again.
+    SELECT r.value_set_id, m.system, m.code, m.display, m.version, m.inactive,
+           m.abstract
+    FROM member m
+    JOIN {p}compose_import i ON i.value_set_id = m.value_set_id
+    JOIN {p}compose_rule r ON r.id = i.rule_id
+    JOIN target t ON t.value_set_id = r.value_set_id
+    WHERE r.kind = 'include' AND r.import_count = 1
+      AND """
+    + _IN_SYSTEM_PART
+    + """
+      AND """
+    + _NOT_EXCLUDED
+    + """
+)
+"""
+)
+
+# One row per (value set, code): the smallest display and version when import paths
+# disagree (only possible for code systems that are not loaded).
+_COLLAPSE = """
+SELECT value_set_id, system, code, MIN(version) AS version, MIN(display) AS display,
+       MAX(CASE WHEN inactive THEN 1 ELSE 0 END) = 1 AS inactive,
+       MAX(CASE WHEN abstract THEN 1 ELSE 0 END) = 1 AS abstract
+FROM member
+"""
+
+#: Fill value_set_member for every value set of pass ``:stratum``.
+MATERIALIZE = (
+    """
+WITH RECURSIVE
+target(value_set_id) AS (
+    SELECT id FROM {p}value_set WHERE stratum = :stratum
+),"""
+    + _MEMBERS
+    + """
+INSERT INTO {p}value_set_member
+    (value_set_id, system, code, version, display, inactive, abstract)
+"""
+    + _COLLAPSE
+    + """
+GROUP BY value_set_id, system, code
+"""
+)
+
+#: Expand value set ``:value_set_id`` from its compose, without value_set_member rows of
+#: its own: the value sets it reaches through union edges are walked by the same
+#: statement; the operands of intersections and value-set excludes are read from
+#: value_set_member.
+EXPAND_LIVE = (
+    """
+WITH RECURSIVE
+target(value_set_id) AS (
+    SELECT CAST(:value_set_id AS INTEGER)
+    UNION
+    SELECT i.value_set_id
+    FROM target t
+    JOIN {p}compose_rule r ON r.value_set_id = t.value_set_id
+    JOIN {p}compose_import i ON i.rule_id = r.id
+    WHERE r.kind = 'include' AND r.import_count = 1 AND i.value_set_id IS NOT NULL
+),"""
+    + _MEMBERS
+    + _COLLAPSE
+    + """
+WHERE value_set_id = :value_set_id
+GROUP BY value_set_id, system, code
+ORDER BY system, code
+"""
+)
+
+#: Resolve each rule's system|version to a loaded code system (newest when unversioned).
+RESOLVE_CODE_SYSTEMS = """
+UPDATE {p}compose_rule SET code_system_id = (
+    SELECT cs.id FROM {p}code_system cs
+    WHERE cs.url = {p}compose_rule.system
+      AND ({p}compose_rule.version IS NULL OR {p}compose_rule.version = '*'
+           OR cs.version = {p}compose_rule.version)
+    ORDER BY (cs.version IS NULL), cs.version DESC
+    LIMIT 1)
+"""
+
+#: Resolve each import's url|version to a loaded value set (newest when unversioned).
+RESOLVE_IMPORTS = """
+UPDATE {p}compose_import SET value_set_id = (
+    SELECT vs.id FROM {p}value_set vs
+    WHERE vs.url = {p}compose_import.url
+      AND ({p}compose_import.version IS NULL OR vs.version = {p}compose_import.version)
+    ORDER BY (vs.version IS NULL), vs.version DESC
+    LIMIT 1)
+"""
