@@ -1,0 +1,625 @@
+"""The ``thodb`` command: a thin shell over the library.
+
+Results go to stdout; progress, warnings and errors to stderr. Errors a user can cause
+print one line and exit 2 (``--debug`` shows the traceback); ``validate-code`` exits 1
+for a code that is not a member.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+
+import click
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from thodb import migrate, query
+from thodb import stats as stats_mod
+from thodb.canonical import split_canonical
+from thodb.db import check_connection, create_engine, safe_url, session_scope
+from thodb.errors import ThodbError
+from thodb.expand import Expansion
+from thodb.expand import expand as expand_value_set
+from thodb.fhir.resources import DEFAULT_CANONICAL_BASE
+from thodb.load import LoadSummary
+from thodb.load import load as load_paths
+from thodb.seed import seeds_path
+
+EXIT_ERROR = 2
+
+
+class _State:
+    def __init__(self, url: str | None, debug: bool, quiet: bool) -> None:
+        self.url = url
+        self.debug = debug
+        self.quiet = quiet
+        self._engine: Engine | None = None
+
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = create_engine(self.url)
+            check_connection(self._engine)
+        return self._engine
+
+
+class _Group(click.Group):
+    """Turns thodb's own errors into one line on stderr and exit status 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (ThodbError, sa.exc.OperationalError) as exc:
+            state = ctx.find_object(_State)
+            if state is not None and state.debug:
+                raise
+            _fail(_one_line(exc))
+
+
+def _one_line(exc: Exception) -> str:
+    if isinstance(exc, sa.exc.OperationalError):
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        return f"database error: {reason}"
+    return str(exc)
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"thodb: error: {message}", err=True)
+    sys.exit(EXIT_ERROR)
+
+
+def _status(message: str) -> None:
+    state = click.get_current_context().find_object(_State)
+    if state is None or not state.quiet:
+        click.echo(message, err=True)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--database-url",
+    envvar="THODB_DATABASE_URL",
+    metavar="URL",
+    help="SQLAlchemy URL of the database, e.g. postgresql+psycopg://user@host/db "
+    "(env THODB_DATABASE_URL). Default: an embedded SQLite file.",
+)
+@click.option("--debug", is_flag=True, help="Show tracebacks and SQL-level logging.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress or status on stderr.")
+@click.option(
+    "-v", "--verbose", count=True, help="More log output on stderr (-vv: debug)."
+)
+@click.version_option(package_name="thodb")
+@click.pass_context
+def main(
+    ctx: click.Context, database_url: str | None, debug: bool, quiet: bool, verbose: int
+) -> None:
+    """thodb: a terminology database for HL7 Terminology (THO) and DICOM.
+
+    Loads FHIR CodeSystem and ValueSet resources into SQLite or PostgreSQL, expands
+    value sets (imports resolved by recursive SQL) and answers validate-code and lookup.
+
+    Without --database-url or THODB_DATABASE_URL the database is the SQLite file
+    $XDG_DATA_HOME/thodb/thodb.sqlite (~/.local/share/thodb/thodb.sqlite).
+
+    \b
+    Example:
+      thodb seed
+      thodb expand http://terminology.hl7.org/ValueSet/image-reference-type
+    """
+    level = logging.WARNING
+    if verbose == 1:
+        level = logging.INFO
+    elif verbose > 1 or debug:
+        level = logging.DEBUG
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("alembic").setLevel(max(level, logging.WARNING))
+    ctx.obj = _State(database_url, debug, quiet)
+
+
+def _state() -> _State:
+    return click.get_current_context().ensure_object(_State)
+
+
+@contextmanager
+def _session() -> Iterator[Session]:
+    with session_scope(_state().engine()) as session:
+        yield session
+
+
+# --- loading -----------------------------------------------------------------------
+
+
+class _Progress:
+    """Throttled progress lines on stderr: at most one every half second."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.last = 0.0
+
+    def __call__(self, stage: str, count: int) -> None:
+        if self.quiet:
+            return
+        now = time.monotonic()
+        if stage == "expand":
+            click.echo("computing value-set membership ...", err=True)
+        elif now - self.last >= 0.5:
+            verb = "read" if stage == "read" else "wrote"
+            noun = "files" if stage == "read" else "resources"
+            click.echo(f"{verb} {count} {noun}", err=True)
+            self.last = now
+
+
+def _print_summary(summary: LoadSummary) -> None:
+    passed_over = (
+        f" ({summary.skipped_not_fhir} not FHIR resources, passed over)"
+        if summary.skipped_not_fhir
+        else ""
+    )
+    lines = [
+        f"files read: {summary.files}{passed_over}",
+        _outcomes(
+            "code systems",
+            summary.code_systems_added,
+            summary.code_systems_replaced,
+            summary.code_systems_unchanged,
+        ),
+        _outcomes(
+            "value sets",
+            summary.value_sets_added,
+            summary.value_sets_replaced,
+            summary.value_sets_unchanged,
+        ),
+        (
+            f"concepts: {summary.concepts}, designations: {summary.designations}, "
+            f"properties: {summary.properties}, "
+            f"hierarchy edges: {summary.hierarchy_edges}"
+        ),
+    ]
+    refresh = summary.refresh
+    if refresh is not None:
+        lines.append(
+            f"membership: {refresh.expanded} value sets expanded "
+            f"({refresh.members} members), {refresh.not_expandable} not expandable "
+            "(see `thodb stats`)"
+        )
+    for line in lines:
+        _status(line)
+
+
+def _outcomes(what: str, added: int, replaced: int, unchanged: int) -> str:
+    return f"{what}: {added} added, {replaced} replaced, {unchanged} unchanged"
+
+
+def _run_load(paths: list[str], canonical_base: str, replace: bool) -> None:
+    state = _state()
+    _status(f"loading into {safe_url(state.engine().url)}")
+    summary = load_paths(
+        state.engine(),
+        paths,
+        canonical_base=canonical_base,
+        replace=replace,
+        progress=_Progress(state.quiet),
+    )
+    _print_summary(summary)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option(
+    "--canonical-base",
+    default=DEFAULT_CANONICAL_BASE,
+    show_default=True,
+    metavar="URL",
+    help="Base of the url given to a resource without one: URL/<type>/<id>.",
+)
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Replace a loaded url|version whose content differs (default: refuse).",
+)
+def load(paths: tuple[str, ...], canonical_base: str, replace: bool) -> None:
+    """Load FHIR CodeSystem and ValueSet resources, in one transaction.
+
+    PATHS are JSON or XML files, Bundles, FHIR NPM packages (.tgz) or folders (read
+    recursively). Any error stops the load and leaves the database as it was.
+
+    \b
+    Example:
+      thodb load ../shared/data/tho
+    """
+    _run_load(list(paths), canonical_base, replace)
+
+
+@main.command()
+def seed() -> None:
+    """Create or upgrade the schema and load the shipped seed content.
+
+    The seeds are THO's Image Reference Type value set, the DICOM DCM code system, the
+    small DICOM code systems and all 1466 DICOM context groups (seeds/README.md).
+
+    \b
+    Example:
+      thodb seed && thodb expand http://terminology.hl7.org/ValueSet/image-reference-type
+    """
+    engine = _state().engine()
+    migrate.upgrade(engine)
+    _run_load([str(seeds_path())], DEFAULT_CANONICAL_BASE, replace=False)
+
+
+# --- schema --------------------------------------------------------------------------
+
+
+@main.group()
+def db() -> None:
+    """Schema migrations (Alembic).
+
+    \b
+    Example:
+      thodb db upgrade && thodb db current
+    """
+
+
+@db.command("upgrade")
+@click.argument("revision", default="head")
+def db_upgrade(revision: str) -> None:
+    """Upgrade the schema to REVISION (default: head, the newest).
+
+    \b
+    Example:
+      thodb db upgrade
+    """
+    migrate.upgrade(_state().engine(), revision)
+    _status(f"schema at {migrate.current(_state().engine())}")
+
+
+@db.command("downgrade")
+@click.argument("revision", default="-1")
+def db_downgrade(revision: str) -> None:
+    """Downgrade the schema to REVISION (default: -1; base removes every table).
+
+    \b
+    Example:
+      thodb db downgrade base
+    """
+    migrate.downgrade(_state().engine(), revision)
+    _status(
+        f"schema at {migrate.current(_state().engine()) or 'base (no thodb tables)'}"
+    )
+
+
+@db.command("current")
+def db_current() -> None:
+    """Print the schema revision of the database (nothing when it has no schema).
+
+    \b
+    Example:
+      thodb db current
+    """
+    revision = migrate.current(_state().engine())
+    if revision:
+        click.echo(revision)
+    else:
+        _status("the database has no thodb schema (run `thodb db upgrade`)")
+
+
+# --- queries -------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("value_set")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json", "fhir"]),
+    default="table",
+    show_default=True,
+    help="table: aligned columns; csv: header system,code,display,inactive; json; "
+    "fhir: a ValueSet with expansion.contains.",
+)
+@click.option(
+    "--live",
+    is_flag=True,
+    help="Compute the expansion from the compose now instead of reading the stored one.",
+)
+def expand(value_set: str, fmt: str, live: bool) -> None:
+    """Expand VALUE_SET (a canonical url, optionally url|version).
+
+    \b
+    Example:
+      thodb expand http://terminology.hl7.org/ValueSet/image-reference-type --format csv
+    """
+    url, version = split_canonical(value_set)
+    with _session() as session:
+        expansion = expand_value_set(session, url, version, live=live)
+    out = sys.stdout
+    if fmt == "csv":
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["system", "code", "display", "inactive"])
+        for m in expansion.contains:
+            writer.writerow(
+                [m.system, m.code, m.display or "", "true" if m.inactive else "false"]
+            )
+    elif fmt == "json":
+        _print_json(
+            {
+                "url": expansion.url,
+                "version": expansion.version,
+                "total": expansion.total,
+                "contains": [
+                    {
+                        "system": m.system,
+                        "code": m.code,
+                        "display": m.display,
+                        "version": m.version,
+                        "inactive": m.inactive,
+                    }
+                    for m in expansion.contains
+                ],
+            }
+        )
+    elif fmt == "fhir":
+        _print_json(_fhir_expansion(expansion))
+    else:
+        _print_table(
+            ["system", "code", "display", "inactive"],
+            [
+                [m.system, m.code, m.display or "", "inactive" if m.inactive else ""]
+                for m in expansion.contains
+            ],
+        )
+    _status(f"{expansion.total} codes")
+
+
+def _fhir_expansion(expansion: Expansion) -> dict[str, Any]:
+    contains = []
+    for m in expansion.contains:
+        entry: dict[str, Any] = {"system": m.system}
+        if m.version:
+            entry["version"] = m.version
+        entry["code"] = m.code
+        if m.display is not None:
+            entry["display"] = m.display
+        if m.inactive:
+            entry["inactive"] = True
+        if m.abstract:
+            entry["abstract"] = True
+        contains.append(entry)
+    resource: dict[str, Any] = {"resourceType": "ValueSet", "url": expansion.url}
+    if expansion.version:
+        resource["version"] = expansion.version
+    resource["status"] = "active"
+    resource["expansion"] = {
+        "identifier": f"urn:uuid:{uuid.uuid4()}",
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        "total": expansion.total,
+        "contains": contains,
+    }
+    return resource
+
+
+@main.command("validate-code")
+@click.argument("value_set")
+@click.option("--system", required=True, help="The code system url of the code.")
+@click.option("--code", required=True, help="The code.")
+@click.option("--display", help="A display to check against the expansion's display.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json", "fhir"]),
+    default="text",
+    show_default=True,
+    help="fhir: a Parameters resource as $validate-code returns.",
+)
+def validate_code(
+    value_set: str, system: str, code: str, display: str | None, fmt: str
+) -> None:
+    """Check that a code is in VALUE_SET: exit 0 member, 1 not a member, 2 error.
+
+    \b
+    Example:
+      thodb validate-code http://terminology.hl7.org/ValueSet/image-reference-type \\
+          --system http://dicom.nema.org/resources/ontology/DCM --code 121191
+    """
+    url, version = split_canonical(value_set)
+    with _session() as session:
+        answer = query.validate_code(
+            session, url, system=system, code=code, display=display, version=version
+        )
+    if fmt == "text":
+        if answer.result:
+            flag = " (inactive)" if answer.inactive else ""
+            click.echo(
+                f"member: {answer.system}#{answer.code} {answer.display or ''}{flag}".rstrip()
+            )
+        else:
+            click.echo(f"not a member: {answer.message}")
+    else:
+        parameters: list[dict[str, Any]] = [
+            {"name": "result", "valueBoolean": answer.result}
+        ]
+        parameters += [
+            {"name": "code", "valueCode": answer.code},
+            {"name": "system", "valueUri": answer.system},
+        ]
+        if answer.display is not None:
+            parameters.append({"name": "display", "valueString": answer.display})
+        if answer.inactive:
+            parameters.append({"name": "inactive", "valueBoolean": True})
+        if answer.message:
+            parameters.append({"name": "message", "valueString": answer.message})
+        if fmt == "fhir":
+            _print_json({"resourceType": "Parameters", "parameter": parameters})
+        else:
+            _print_json(
+                {
+                    "result": answer.result,
+                    "system": answer.system,
+                    "code": answer.code,
+                    "display": answer.display,
+                    "inactive": answer.inactive,
+                    "message": answer.message,
+                }
+            )
+    sys.exit(0 if answer.result else 1)
+
+
+@main.command()
+@click.option(
+    "--system", required=True, help="The code system url (url|version allowed)."
+)
+@click.option("--code", required=True, help="The code to look up.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json", "fhir"]),
+    default="text",
+    show_default=True,
+    help="fhir: a Parameters resource as $lookup returns.",
+)
+def lookup(system: str, code: str, fmt: str) -> None:
+    """Look up a code in a loaded code system: display, definition, properties.
+
+    \b
+    Example:
+      thodb lookup --system http://dicom.nema.org/resources/ontology/DCM --code 121191
+    """
+    url, version = split_canonical(system)
+    with _session() as session:
+        found = query.lookup(session, system=url, code=code, version=version)
+    if fmt == "text":
+        click.echo(
+            f"system: {found.system}" + (f"|{found.version}" if found.version else "")
+        )
+        click.echo(f"code: {found.code}")
+        click.echo(f"display: {found.display or ''}")
+        if found.definition:
+            click.echo(f"definition: {found.definition}")
+        click.echo(f"inactive: {'true' if found.inactive else 'false'}")
+        for prop, value in found.properties:
+            click.echo(f"property {prop}: {value}")
+        for language, use, value in found.designations:
+            click.echo(
+                f"designation [{language or '-'}] {use or ''}: {value}".replace(
+                    " :", ":"
+                )
+            )
+        return
+    if fmt == "json":
+        _print_json(
+            {
+                "name": found.name,
+                "system": found.system,
+                "version": found.version,
+                "code": found.code,
+                "display": found.display,
+                "definition": found.definition,
+                "inactive": found.inactive,
+                "abstract": found.abstract,
+                "properties": [{"code": c, "value": v} for c, v in found.properties],
+                "designations": [
+                    {"language": lang, "use": use, "value": v}
+                    for lang, use, v in found.designations
+                ],
+            }
+        )
+        return
+    parameters: list[dict[str, Any]] = []
+    if found.name:
+        parameters.append({"name": "name", "valueString": found.name})
+    if found.version:
+        parameters.append({"name": "version", "valueString": found.version})
+    parameters.append({"name": "display", "valueString": found.display or ""})
+    if found.definition:
+        parameters.append({"name": "definition", "valueString": found.definition})
+    parameters.append({"name": "abstract", "valueBoolean": found.abstract})
+    for prop, value in found.properties:
+        parameters.append(
+            {
+                "name": "property",
+                "part": [
+                    {"name": "code", "valueCode": prop},
+                    {"name": "value", "valueString": value},
+                ],
+            }
+        )
+    for language, use, value in found.designations:
+        part: list[dict[str, Any]] = []
+        if language:
+            part.append({"name": "language", "valueCode": language})
+        if use:
+            part.append({"name": "use", "valueCoding": {"code": use}})
+        part.append({"name": "value", "valueString": value})
+        parameters.append({"name": "designation", "part": part})
+    _print_json({"resourceType": "Parameters", "parameter": parameters})
+
+
+@main.command()
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+)
+def stats(fmt: str) -> None:
+    """Counts of what is loaded, and every value set that cannot be expanded, with why.
+
+    \b
+    Example:
+      thodb stats
+    """
+    with _session() as session:
+        found = stats_mod.stats(session)
+    if fmt == "json":
+        _print_json(
+            {
+                "code_systems": found.code_systems,
+                "concepts": found.concepts,
+                "value_sets": found.value_sets,
+                "expanded": found.expanded,
+                "members": found.members,
+                "not_expandable": [
+                    {"value_set": vs, "reason": why} for vs, why in found.not_expandable
+                ],
+            }
+        )
+        return
+    click.echo(f"code systems: {found.code_systems}")
+    click.echo(f"concepts: {found.concepts}")
+    click.echo(f"value sets: {found.value_sets}")
+    click.echo(f"expanded: {found.expanded} ({found.members} members)")
+    click.echo(f"not expandable: {len(found.not_expandable)}")
+    for vs, why in found.not_expandable:
+        click.echo(f"  {vs}: {why}")
+
+
+# --- output helpers ----------------------------------------------------------------
+
+
+def _print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def _print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [len(h) for h in header]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+
+    # The last column is not padded, so lines carry no trailing spaces.
+    def line(cells: list[str]) -> str:
+        padded = [c.ljust(w) for c, w in zip(cells[:-1], widths[:-1], strict=True)]
+        return "  ".join([*padded, cells[-1]]).rstrip()
+
+    click.echo(line(header))
+    for row in rows:
+        click.echo(line(row))
