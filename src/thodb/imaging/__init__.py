@@ -1,0 +1,1 @@
+"""Imaging data: the coded items found in DICOM files, and their FHIR code systems."""
