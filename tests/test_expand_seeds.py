@@ -1,0 +1,169 @@
+"""The model case and every DICOM CID, expanded by the database on both engines.
+
+Expected values come from tests/reference.py walking the seed files in plain Python,
+and from facts the data's documentation states; never from thodb.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import pytest
+import sqlalchemy as sa
+from reference import ReferenceExpansionError, Terminology
+from sqlalchemy.engine import Engine
+
+from thodb.db import schema_prefix, session_scope
+from thodb.errors import NotExpandableError
+from thodb.expand import expand
+from thodb.query import validate_code
+from thodb.seed import IMAGE_REFERENCE_TYPE, seeds_path
+
+DCM = "http://dicom.nema.org/resources/ontology/DCM"
+SCT = "http://snomed.info/sct"
+CID = "http://dicom.nema.org/medical/dicom/current/output/chtml/part16/sect_CID_{}.html"
+
+
+@cache
+def reference() -> Terminology:
+    return Terminology.from_paths(seeds_path())
+
+
+def _members(
+    engine: Engine, url: str, *, live: bool = False
+) -> dict[tuple[str, str], tuple[str | None, bool]]:
+    with session_scope(engine) as session:
+        expansion = expand(session, url, live=live)
+    return {(m.system, m.code): (m.display, m.inactive) for m in expansion.contains}
+
+
+def _expected(url: str) -> dict[tuple[str, str], tuple[str | None, bool]]:
+    return {
+        key: (member.display, member.inactive)
+        for key, member in reference().expand(url).items()
+    }
+
+
+def test_image_reference_type_equals_the_plain_python_closure(
+    seeded_engine: Engine,
+) -> None:
+    expected = _expected(IMAGE_REFERENCE_TYPE)
+    assert len(expected) == 1029
+
+    assert _members(seeded_engine, IMAGE_REFERENCE_TYPE) == expected
+
+
+def test_live_expansion_equals_the_stored_membership(seeded_engine: Engine) -> None:
+    stored = _members(seeded_engine, IMAGE_REFERENCE_TYPE)
+    assert _members(seeded_engine, IMAGE_REFERENCE_TYPE, live=True) == stored
+
+
+@pytest.mark.parametrize(
+    ("system", "code", "member", "inactive"),
+    [
+        (DCM, "121191", True, False),
+        (DCM, "128228", True, False),
+        # Among the reached CIDs only CID 4031 lists it: 7151 -> 7192 -> 4 -> 4030 -> 4031.
+        (SCT, "85856004", True, False),
+        (DCM, "111030", True, True),
+        (DCM, "113076", False, False),
+    ],
+)
+def test_model_case_examples(
+    seeded_engine: Engine, system: str, code: str, member: bool, inactive: bool
+) -> None:
+    with session_scope(seeded_engine) as session:
+        answer = validate_code(session, IMAGE_REFERENCE_TYPE, system=system, code=code)
+    assert answer.result is member
+    assert answer.inactive is inactive
+
+
+def test_snomed_codes_expand_with_the_value_sets_displays(
+    seeded_engine: Engine,
+) -> None:
+    members = _members(seeded_engine, IMAGE_REFERENCE_TYPE)
+    snomed = {code for system, code in members if system == SCT}
+    assert len(snomed) == 854
+    # CID 4031 gives this code its display; SNOMED CT itself is not loaded.
+    assert members[(SCT, "85856004")][0] == "Acromioclavicular joint"
+
+
+def test_every_cid_with_a_definition_expands_to_the_plain_python_closure(
+    seeded_engine: Engine,
+) -> None:
+    results = {
+        url: result
+        for (url, _version), result in reference().expandable().items()
+        if url.startswith(CID.split("{}")[0])
+    }
+    expandable = {
+        url: r
+        for url, r in results.items()
+        if not isinstance(r, ReferenceExpansionError)
+    }
+    assert (len(results), len(expandable)) == (1466, 1433)
+
+    p = schema_prefix(seeded_engine)
+    with seeded_engine.connect() as connection:
+        rows = connection.execute(
+            sa.text(
+                f"SELECT value_set_url, system, code, display, inactive "
+                f"FROM {p}value_set_expansion"
+            )
+        ).all()
+    view: dict[str, dict[tuple[str, str], tuple[str | None, bool]]] = {}
+    for row in rows:
+        view.setdefault(row.value_set_url, {})[(row.system, row.code)] = (
+            row.display,
+            bool(row.inactive),
+        )
+
+    for url, members in expandable.items():
+        expected = {k: (m.display, m.inactive) for k, m in members.items()}
+        assert view.get(url, {}) == expected, url
+    assert set(view) - set(expandable) == {IMAGE_REFERENCE_TYPE}
+
+
+def test_cids_without_a_definition_are_reported_and_absent_from_the_view(
+    seeded_engine: Engine,
+) -> None:
+    failing = {
+        url: error
+        for (url, _version), error in reference().expandable().items()
+        if isinstance(error, ReferenceExpansionError)
+    }
+    assert len(failing) == 33
+    p = schema_prefix(seeded_engine)
+    with session_scope(seeded_engine) as session:
+        stored = {
+            row.url: row.expansion_error
+            for row in session.execute(
+                sa.text(
+                    f"SELECT url, expansion_error FROM {p}value_set "
+                    "WHERE expansion_status = 'not-expandable'"
+                )
+            )
+        }
+        in_view = session.execute(
+            sa.text(
+                f"SELECT COUNT(*) FROM {p}value_set_expansion "
+                f"WHERE value_set_url IN ({', '.join(f':u{i}' for i in range(33))})"
+            ),
+            {f"u{i}": url for i, url in enumerate(failing)},
+        ).scalar_one()
+        assert set(stored) == set(failing)
+        assert in_view == 0
+        # CID 102 is defined by reference; CID 101 imports it.
+        assert "no compose" in stored[CID.format(102)]
+        assert CID.format(102) in stored[CID.format(101)]
+        with pytest.raises(NotExpandableError, match="no compose"):
+            expand(session, CID.format(102))
+
+
+def test_a_diamond_is_not_a_cycle(seeded_engine: Engine) -> None:
+    # CID 4 reaches CID 4031 through both CID 4030 and CID 4042.
+    imports_4030 = reference().imports(CID.format(4030))
+    imports_4042 = reference().imports(CID.format(4042))
+    assert CID.format(4031) in imports_4030 and CID.format(4031) in imports_4042
+
+    assert _members(seeded_engine, CID.format(4)) == _expected(CID.format(4))
