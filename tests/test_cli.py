@@ -1,0 +1,233 @@
+"""The thodb command: help, output formats, exit codes, errors, and the README's commands."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+from reference import Terminology
+from sqlalchemy.engine import Engine
+
+from thodb.cli import main
+from thodb.seed import IMAGE_REFERENCE_TYPE, seeds_path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+DCM = "http://dicom.nema.org/resources/ontology/DCM"
+
+
+def _url(engine: Engine) -> str:
+    return engine.url.render_as_string(hide_password=False)
+
+
+def _run(*args: str) -> click.testing.Result:
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def _commands(group: click.Group, prefix: str = "") -> list[tuple[str, click.Command]]:
+    found = []
+    for name, command in sorted(group.commands.items()):
+        found.append((f"{prefix}{name}", command))
+        if isinstance(command, click.Group):
+            found += _commands(command, f"{prefix}{name} ")
+    return found
+
+
+@pytest.mark.parametrize("name", [name for name, _ in _commands(main)])
+def test_every_command_has_help_with_an_example_and_is_in_the_readme(name: str) -> None:
+    result = _run(*name.split(), "--help")
+    assert result.exit_code == 0
+    assert "Example" in result.output
+    assert f"thodb {name.split()[0]}" in README
+
+
+def test_readme_first_command_runs_for_a_new_user(tmp_path: Path) -> None:
+    # The first shell block of the README: install, seed, expand.
+    block = re.search(r"```sh\n(.*?)\n```", README, re.S)
+    assert block is not None
+    command = block.group(1)
+    assert command.startswith("python3 -m venv .venv && .venv/bin/pip install . && ")
+    # The install part is what `scripts/test` did for this environment already; the
+    # rest runs as written, in a fresh folder with a fresh home, with this environment's
+    # thodb as .venv/bin/thodb.
+    job = command.split(" && ", 2)[2]
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    thodb = shutil.which("thodb", path=str(Path(sys.executable).parent))
+    assert thodb is not None
+    (bin_dir / "thodb").symlink_to(thodb)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("THODB_", "XDG_"))}
+    env["HOME"] = str(tmp_path / "home")
+
+    done = subprocess.run(
+        job,
+        shell=True,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["system", "code", "display", "inactive"]
+    assert len(lines) == 1 + 1029
+    assert "1029 codes" in done.stderr
+    assert (tmp_path / "home" / ".local" / "share" / "thodb" / "thodb.sqlite").exists()
+
+
+@pytest.fixture
+def seeded_url(seeded_engine: Engine) -> str:
+    return _url(seeded_engine)
+
+
+def test_expand_csv_and_fhir_formats(seeded_url: str) -> None:
+    expected = Terminology.from_paths(seeds_path()).expand(IMAGE_REFERENCE_TYPE)
+
+    result = _run(
+        "--database-url", seeded_url, "expand", IMAGE_REFERENCE_TYPE, "--format", "csv"
+    )
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert list(rows[0]) == ["system", "code", "display", "inactive"]
+    assert {(r["system"], r["code"]) for r in rows} == set(expected)
+    assert {r["inactive"] for r in rows} == {"true", "false"}
+
+    result = _run(
+        "--database-url", seeded_url, "expand", IMAGE_REFERENCE_TYPE, "--format", "fhir"
+    )
+    resource = json.loads(result.stdout)
+    assert resource["resourceType"] == "ValueSet"
+    assert resource["expansion"]["total"] == len(expected)
+    contains = {(c["system"], c["code"]): c for c in resource["expansion"]["contains"]}
+    assert set(contains) == set(expected)
+    assert contains[(DCM, "111030")]["inactive"] is True
+
+
+def test_validate_code_exit_codes(seeded_url: str) -> None:
+    base = [
+        "--database-url",
+        seeded_url,
+        "validate-code",
+        IMAGE_REFERENCE_TYPE,
+        "--system",
+        DCM,
+    ]
+    member = _run(*base, "--code", "121191")
+    assert (member.exit_code, member.stdout.strip()) == (
+        0,
+        f"member: {DCM}#121191 Referenced Segment",
+    )
+    outside = _run(*base, "--code", "113076")
+    assert outside.exit_code == 1
+    assert outside.stdout.startswith("not a member:")
+    wrong_display = _run(*base, "--code", "121191", "--display", "Something else")
+    assert wrong_display.exit_code == 1
+    missing = _run(
+        "--database-url",
+        seeded_url,
+        "validate-code",
+        "http://example.org/none",
+        "--system",
+        DCM,
+        "--code",
+        "1",
+    )
+    assert missing.exit_code == 2
+    assert (
+        missing.stderr
+        == "thodb: error: value set http://example.org/none is not loaded\n"
+    )
+
+
+def test_lookup_shows_the_code_system_content(seeded_url: str) -> None:
+    concepts = json.loads((seeds_path() / "dicom" / "CodeSystem-DCM.json").read_text())[
+        "concept"
+    ]
+    expected = next(c for c in concepts if c["code"] == "111030")
+    result = _run(
+        "--database-url",
+        seeded_url,
+        "lookup",
+        "--system",
+        DCM,
+        "--code",
+        "111030",
+        "--format",
+        "json",
+    )
+    found = json.loads(result.stdout)
+    assert (found["display"], found["definition"], found["inactive"]) == (
+        expected["display"],
+        expected["definition"],
+        True,
+    )
+
+
+def test_stats_lists_the_value_sets_that_cannot_be_expanded(seeded_url: str) -> None:
+    found = json.loads(
+        _run("--database-url", seeded_url, "stats", "--format", "json").stdout
+    )
+    assert (found["value_sets"], found["expanded"]) == (1467, 1434)
+    assert len(found["not_expandable"]) == 33
+    assert all(entry["reason"] for entry in found["not_expandable"])
+
+
+def test_a_bad_file_is_one_line_on_stderr_and_exit_2(
+    fresh_engine: Engine, tmp_path: Path
+) -> None:
+    bad = tmp_path / "vs.json"
+    bad.write_text(
+        json.dumps(
+            {
+                "resourceType": "ValueSet",
+                "url": "http://x/vs",
+                "compose": {
+                    "include": [
+                        {
+                            "system": "http://x/cs",
+                            "concept": [{"code": "a"}, {"display": "b"}],
+                        }
+                    ]
+                },
+            }
+        )
+    )
+    result = _run("--database-url", _url(fresh_engine), "load", str(bad))
+    assert result.exit_code == 2
+    assert result.stderr.splitlines()[-1] == (
+        f"thodb: error: {bad}: compose.include[0].concept[1].code: is missing or empty"
+    )
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_db_commands(fresh_engine: Engine) -> None:
+    url = _url(fresh_engine)
+    assert _run("--database-url", url, "db", "current").stdout == ""
+    assert _run("--database-url", url, "db", "upgrade").exit_code == 0
+    head = _run("--database-url", url, "db", "current").stdout.strip()
+    assert re.fullmatch(r"\d{4}", head)
+    assert _run("--database-url", url, "db", "downgrade", "base").exit_code == 0
+    assert _run("--database-url", url, "db", "current").stdout == ""
+
+
+def test_an_unreachable_database_is_one_line_without_the_password() -> None:
+    result = _run(
+        "--database-url", "postgresql+psycopg://u:s3cret@127.0.0.1:1/x", "stats"
+    )
+    assert result.exit_code == 2
+    assert result.stderr.startswith(
+        "thodb: error: cannot connect to postgresql+psycopg://u:***@"
+    )
+    assert "s3cret" not in result.stderr + result.stdout
