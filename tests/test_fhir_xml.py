@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -471,7 +470,7 @@ def test_bom_crlf_and_no_xml_declaration_parse() -> None:
         assert parse_xml(data, "quirk.xml") == expected
 
 
-def test_five_thousand_concepts_parse_in_well_under_a_second() -> None:
+def test_five_thousand_concepts_parse() -> None:
     concept = (
         '<concept><code value="c{0}"/><display value="Concept {0}"/>'
         '<definition value="The concept numbered {0}"/>'
@@ -481,17 +480,13 @@ def test_five_thousand_concepts_parse_in_well_under_a_second() -> None:
     body = "".join(concept.format(number) for number in range(5000))
     data = code_system(f'<content value="complete"/>{body}').encode()
 
-    started = time.perf_counter()
     result = parse_xml(data, "big.xml")
-    elapsed = time.perf_counter() - started
 
     assert len(result["concept"]) == 5000
     assert result["concept"][4999]["property"][1] == {
         "code": "order",
         "valueInteger": 4999,
     }
-    # About 0.2 s on a developer machine; the bound only catches a quadratic slip.
-    assert elapsed < 1.0
 
 
 def test_every_tho_xml_file_parses_and_matches_the_manifest(
