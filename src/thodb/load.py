@@ -10,7 +10,7 @@ the end (:func:`thodb.expand.refresh`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from thodb import expand, migrate
 from thodb.canonical import canonical
 from thodb.db import session_scope
 from thodb.errors import DatabaseError, LoadError
-from thodb.fhir.read import ReadCounts, read_paths
+from thodb.fhir.read import ReadCounts, Resource, expand_bundle, read_paths
 from thodb.fhir.resources import (
     DEFAULT_CANONICAL_BASE,
     CodeSystemRecord,
@@ -106,12 +106,46 @@ def load(
     :raises DatabaseError: when the schema is not at the current revision.
     """
     summary = LoadSummary()
-    records = _read(paths, canonical_base, summary, progress)
+    counts = ReadCounts()
+    records = _parse(
+        read_paths(paths, counts), canonical_base, summary, progress, counts
+    )
     with session_scope(engine, write=True) as session:
         ensure_schema(session.connection())
         _write(session, records, replace, summary, progress)
-        if progress:
-            progress("expand", 0)
+        if summary.changed:
+            if progress:
+                progress("expand", 0)
+            summary.refresh = expand.refresh(session)
+    return summary
+
+
+def load_resources(
+    session: Session,
+    resources: Iterable[dict[str, Any]],
+    *,
+    source: str = "request",
+    canonical_base: str = DEFAULT_CANONICAL_BASE,
+    replace: bool = False,
+) -> LoadSummary:
+    """Load resources given as FHIR JSON dicts into the session's transaction.
+
+    The caller owns the transaction: roll it back to use the resources for one request
+    only (``tx-resource``, an inline ``valueSet``), or commit it. The schema must exist.
+
+    :param source: what error messages call the resources' origin.
+    :raises LoadError: for bad input.
+    """
+    summary = LoadSummary()
+    counts = ReadCounts()
+    found = (
+        resource
+        for i, data in enumerate(resources)
+        for resource in expand_bundle(Resource(f"{source}[{i}]", data), counts)
+    )
+    records = _parse(found, canonical_base, summary, None, counts)
+    _write(session, records, replace, summary, None)
+    if summary.changed:
         summary.refresh = expand.refresh(session)
     return summary
 
@@ -134,15 +168,15 @@ def ensure_schema(connection: sa.Connection) -> None:
         )
 
 
-def _read(
-    paths: Sequence[str | Path],
+def _parse(
+    resources: Iterable[Resource],
     canonical_base: str,
     summary: LoadSummary,
     progress: Progress | None,
+    counts: ReadCounts,
 ) -> list[Record]:
-    counts = ReadCounts()
     by_key: dict[tuple[str, str, str | None], Record] = {}
-    for n, resource in enumerate(read_paths(paths, counts), start=1):
+    for n, resource in enumerate(resources, start=1):
         record = parse_resource(
             resource.data,
             resource.source,

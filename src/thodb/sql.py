@@ -143,7 +143,8 @@ filter_match(filter_id, concept_id) AS (
 )
 INSERT INTO {p}compose_rule_code
     (rule_id, system, code, display, version, inactive, abstract)
--- A concept list: its codes, whether or not their code system is loaded.
+-- A concept list: its codes, whether or not their code system is loaded; but a code that
+-- a loaded complete code system does not have is not a code (HL7 tx: enum-bad).
 SELECT r.id, r.system, k.code,
        MIN(COALESCE(c.display, k.display)),
        MIN(COALESCE(cs.version, r.version)),
@@ -153,6 +154,7 @@ FROM {p}compose_concept k
 JOIN {p}compose_rule r ON r.id = k.rule_id
 LEFT JOIN {p}concept c ON c.code_system_id = r.code_system_id AND c.code = k.code
 LEFT JOIN {p}code_system cs ON cs.id = r.code_system_id
+WHERE c.id IS NOT NULL OR COALESCE(cs.content, '') <> 'complete'
 GROUP BY r.id, r.system, k.code
 UNION ALL
 -- Filters: the concepts that the first filter matches and every other filter too.

@@ -111,7 +111,7 @@ def _read_file(
         counts.skipped_not_fhir += 1
         log.info("%s: not a FHIR resource, passed over", source)
         return
-    yield from _expand_bundle(Resource(source, resource), counts, strict=True)
+    yield from expand_bundle(Resource(source, resource), counts, strict=True)
 
 
 def parse_bytes(data: bytes, source: str, *, xml: bool) -> dict[str, Any] | None:
@@ -145,9 +145,15 @@ def parse_bytes(data: bytes, source: str, *, xml: bool) -> dict[str, Any] | None
     return value
 
 
-def _expand_bundle(
-    resource: Resource, counts: ReadCounts, *, strict: bool
+def expand_bundle(
+    resource: Resource, counts: ReadCounts, *, strict: bool = True
 ) -> Iterator[Resource]:
+    """Yield the resource, or each resource of a Bundle (recursively).
+
+    :param strict: refuse resource types other than CodeSystem, ValueSet and Bundle;
+        otherwise count and pass over them.
+    :raises LoadError: for a refused type or a malformed Bundle.
+    """
     kind = resource.data.get("resourceType")
     if kind in TERMINOLOGY_TYPES:
         yield resource
@@ -167,7 +173,7 @@ def _expand_bundle(
                 raise LoadError(
                     resource.source, prefix.rstrip("."), "is not a resource"
                 )
-            yield from _expand_bundle(
+            yield from expand_bundle(
                 Resource(resource.source, inner, prefix), counts, strict=strict
             )
         return
@@ -223,7 +229,7 @@ def _read_package(path: Path, counts: ReadCounts) -> Iterator[Resource]:
             if resource is None:
                 counts.skipped_not_fhir += 1
                 continue
-            yield from _expand_bundle(Resource(source, resource), counts, strict=False)
+            yield from expand_bundle(Resource(source, resource), counts, strict=False)
 
 
 def _package_resource(name: PurePosixPath) -> bool:
