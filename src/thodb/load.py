@@ -10,10 +10,10 @@ the end (:func:`thodb.expand.refresh`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from thodb import expand, migrate
 from thodb.canonical import canonical
-from thodb.db import session_scope
+from thodb.db import is_sqlite, session_scope
 from thodb.errors import DatabaseError, LoadError
 from thodb.fhir.read import ReadCounts, Resource, expand_bundle, read_paths
 from thodb.fhir.resources import (
@@ -32,6 +32,7 @@ from thodb.fhir.resources import (
     parse_resource,
 )
 from thodb.models import (
+    SCHEMA,
     CodeSystem,
     CodeSystemProperty,
     ComposeConcept,
@@ -46,6 +47,8 @@ from thodb.models import (
 )
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Called with (stage, count) while loading: stage is ``read`` (files read so far) or
 #: ``write`` (resources written so far) or ``expand`` (once, before the refresh).
@@ -116,6 +119,7 @@ def load(
         if summary.changed:
             if progress:
                 progress("expand", 0)
+            _prepare_refresh(session)
             summary.refresh = expand.refresh(session)
     return summary
 
@@ -146,8 +150,37 @@ def load_resources(
     records = _parse(found, canonical_base, summary, None, counts)
     _write(session, records, replace, summary, None)
     if summary.changed:
+        _prepare_refresh(session)
         summary.refresh = expand.refresh(session)
     return summary
+
+
+#: Tables a load writes and the refresh reads; PostgreSQL's planner needs their
+#: statistics to be current to plan the recursive statements well.
+_WRITTEN_TABLES = (
+    "code_system",
+    "concept",
+    "concept_parent",
+    "concept_property",
+    "value_set",
+    "compose_rule",
+    "compose_concept",
+    "compose_filter",
+    "compose_import",
+)
+
+
+def _prepare_refresh(session: Session) -> None:
+    if is_sqlite(session):
+        return
+    # Statistics of the rows just written (ANALYZE is allowed in a transaction).
+    # Without them the recursive statements look costly enough for PostgreSQL to
+    # JIT-compile them, which takes seconds for a statement that runs in a fraction
+    # of one; JIT is off for this transaction only.
+    session.execute(sa.text("SET LOCAL jit = off"))
+    session.execute(
+        sa.text("ANALYZE " + ", ".join(f"{SCHEMA}.{t}" for t in _WRITTEN_TABLES))
+    )
 
 
 def ensure_schema(connection: sa.Connection) -> None:
@@ -215,7 +248,9 @@ def _write(
     progress: Progress | None,
 ) -> None:
     existing = _existing(session)
-    for n, record in enumerate(records, start=1):
+    code_systems: list[CodeSystemRecord] = []
+    value_sets: list[ValueSetRecord] = []
+    for record in records:
         is_cs = isinstance(record, CodeSystemRecord)
         kind = "CodeSystem" if is_cs else "ValueSet"
         found = existing.get((kind, record.url, record.version))
@@ -238,21 +273,45 @@ def _write(
             model = CodeSystem if is_cs else ValueSet
             session.execute(sa.delete(model).where(model.id == row_id))
         if isinstance(record, CodeSystemRecord):
-            _write_code_system(session, record, summary)
+            code_systems.append(record)
             if found is None:
                 summary.code_systems_added += 1
             else:
                 summary.code_systems_replaced += 1
         else:
-            _write_value_set(session, record)
+            value_sets.append(record)
             if found is None:
                 summary.value_sets_added += 1
             else:
                 summary.value_sets_replaced += 1
-        if progress and n % 100 == 0:
-            progress("write", n)
-    if progress:
-        progress("write", len(records))
+
+    # Written in batches: one multi-row INSERT per table and batch, ids returned in
+    # parameter order, instead of a round trip per resource.
+    written = 0
+    for batch in _batches(code_systems, 50):
+        _write_code_systems(session, batch, summary)
+        written += len(batch)
+        if progress:
+            progress("write", written)
+    for vs_batch in _batches(value_sets, 500):
+        _write_value_sets(session, vs_batch)
+        written += len(vs_batch)
+        if progress:
+            progress("write", written)
+
+
+def _batches(items: list[T], size: int) -> Iterator[list[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _insert_returning_ids(
+    session: Session, model: type[Any], rows: list[dict[str, Any]]
+) -> list[int]:
+    if not rows:
+        return []
+    statement = sa.insert(model).returning(model.id, sort_by_parameter_order=True)
+    return list(session.scalars(statement, rows))
 
 
 def _existing(
@@ -274,28 +333,31 @@ def _insert(session: Session, model: type[Any], rows: list[dict[str, Any]]) -> N
         session.execute(sa.insert(model), rows)
 
 
-def _write_code_system(
-    session: Session, record: CodeSystemRecord, summary: LoadSummary
+def _write_code_systems(
+    session: Session, records: list[CodeSystemRecord], summary: LoadSummary
 ) -> None:
-    cs_id = session.execute(
-        sa.insert(CodeSystem)
-        .values(
-            url=record.url,
-            version=record.version,
-            name=record.name,
-            title=record.title,
-            status=record.status,
-            content=record.content,
-            hierarchy_meaning=record.hierarchy_meaning,
-            case_sensitive=record.case_sensitive,
-            supplements=record.supplements,
-            value_set=record.value_set,
-            concept_count=len(record.concepts),
-            content_hash=record.content_hash,
-            source=record.source,
-        )
-        .returning(CodeSystem.id)
-    ).scalar_one()
+    cs_ids = _insert_returning_ids(
+        session,
+        CodeSystem,
+        [
+            {
+                "url": r.url,
+                "version": r.version,
+                "name": r.name,
+                "title": r.title,
+                "status": r.status,
+                "content": r.content,
+                "hierarchy_meaning": r.hierarchy_meaning,
+                "case_sensitive": r.case_sensitive,
+                "supplements": r.supplements,
+                "value_set": r.value_set,
+                "concept_count": len(r.concepts),
+                "content_hash": r.content_hash,
+                "source": r.source,
+            }
+            for r in records
+        ],
+    )
     _insert(
         session,
         CodeSystemProperty,
@@ -307,10 +369,14 @@ def _write_code_system(
                 "type": type_,
                 "description": description,
             }
-            for code, uri, type_, description in record.properties
+            for cs_id, r in zip(cs_ids, records, strict=True)
+            for code, uri, type_, description in r.properties
         ],
     )
-    _insert(
+    concepts = [
+        (cs_id, c) for cs_id, r in zip(cs_ids, records, strict=True) for c in r.concepts
+    ]
+    concept_ids = _insert_returning_ids(
         session,
         Concept,
         [
@@ -323,90 +389,108 @@ def _write_code_system(
                 "inactive": c.inactive,
                 "abstract": c.abstract,
             }
-            for c in record.concepts
+            for cs_id, c in concepts
         ],
     )
     ids = {
-        code: concept_id
-        for code, concept_id in session.execute(
-            sa.select(Concept.code, Concept.id).where(Concept.code_system_id == cs_id)
-        )
+        (cs_id, c.code): concept_id
+        for (cs_id, c), concept_id in zip(concepts, concept_ids, strict=True)
     }
     designations = [
         {
-            "concept_id": ids[c.code],
+            "concept_id": ids[cs_id, c.code],
             "value": d.value,
             "language": d.language,
             "use_system": d.use_system,
             "use_code": d.use_code,
         }
-        for c in record.concepts
+        for cs_id, c in concepts
         for d in c.designations
     ]
     properties = [
         {
-            "concept_id": ids[c.code],
+            "concept_id": ids[cs_id, c.code],
             "code": p.code,
             "type": p.type,
             "value": p.value,
             "value_system": p.value_system,
         }
-        for c in record.concepts
+        for cs_id, c in concepts
         for p in c.properties
     ]
-    edges = {
-        (ids[c.code], ids[parent]) for c in record.concepts for parent in c.parents
-    }
+    edges = sorted(
+        {
+            (ids[cs_id, c.code], ids[cs_id, parent])
+            for cs_id, c in concepts
+            for parent in c.parents
+        }
+    )
     _insert(session, ConceptDesignation, designations)
     _insert(session, ConceptProperty, properties)
     _insert(
         session,
         ConceptParent,
-        [{"concept_id": child, "parent_id": parent} for child, parent in sorted(edges)],
+        [{"concept_id": child, "parent_id": parent} for child, parent in edges],
     )
-    summary.concepts += len(record.concepts)
+    summary.concepts += len(concepts)
     summary.designations += len(designations)
     summary.properties += len(properties)
     summary.hierarchy_edges += len(edges)
 
 
-def _write_value_set(session: Session, record: ValueSetRecord) -> None:
-    vs_id = session.execute(
-        sa.insert(ValueSet)
-        .values(
-            url=record.url,
-            version=record.version,
-            name=record.name,
-            title=record.title,
-            status=record.status,
-            has_compose=record.has_compose,
-            content_hash=record.content_hash,
-            source=record.source,
-            expansion_status="pending",
-        )
-        .returning(ValueSet.id)
-    ).scalar_one()
-    concepts: list[dict[str, Any]] = []
-    filters: list[dict[str, Any]] = []
-    imports: list[dict[str, Any]] = []
-    for rule in record.rules:
-        rule_id = session.execute(
-            sa.insert(ComposeRule)
-            .values(
-                value_set_id=vs_id,
-                kind=rule.kind,
-                position=rule.position,
-                system=rule.system,
-                version=rule.version,
-                import_count=len(rule.imports),
-            )
-            .returning(ComposeRule.id)
-        ).scalar_one()
-        concepts += [
+def _write_value_sets(session: Session, records: list[ValueSetRecord]) -> None:
+    vs_ids = _insert_returning_ids(
+        session,
+        ValueSet,
+        [
+            {
+                "url": r.url,
+                "version": r.version,
+                "name": r.name,
+                "title": r.title,
+                "status": r.status,
+                "has_compose": r.has_compose,
+                "content_hash": r.content_hash,
+                "source": r.source,
+                "expansion_status": "pending",
+            }
+            for r in records
+        ],
+    )
+    rules = [
+        (vs_id, rule)
+        for vs_id, r in zip(vs_ids, records, strict=True)
+        for rule in r.rules
+    ]
+    rule_ids = _insert_returning_ids(
+        session,
+        ComposeRule,
+        [
+            {
+                "value_set_id": vs_id,
+                "kind": rule.kind,
+                "position": rule.position,
+                "system": rule.system,
+                "version": rule.version,
+                "import_count": len(rule.imports),
+            }
+            for vs_id, rule in rules
+        ],
+    )
+    pairs = list(zip(rule_ids, (rule for _, rule in rules), strict=True))
+    _insert(
+        session,
+        ComposeConcept,
+        [
             {"rule_id": rule_id, "position": i, "code": code, "display": display}
+            for rule_id, rule in pairs
             for i, (code, display) in enumerate(rule.concepts)
-        ]
-        filters += [
+        ],
+    )
+    _insert(
+        session,
+        ComposeFilter,
+        [
             {
                 "rule_id": rule_id,
                 "position": i,
@@ -414,12 +498,16 @@ def _write_value_set(session: Session, record: ValueSetRecord) -> None:
                 "op": op,
                 "value": value,
             }
+            for rule_id, rule in pairs
             for i, (prop, op, value) in enumerate(rule.filters)
-        ]
-        imports += [
+        ],
+    )
+    _insert(
+        session,
+        ComposeImport,
+        [
             {"rule_id": rule_id, "position": i, "url": url, "version": version}
+            for rule_id, rule in pairs
             for i, (url, version) in enumerate(rule.imports)
-        ]
-    _insert(session, ComposeConcept, concepts)
-    _insert(session, ComposeFilter, filters)
-    _insert(session, ComposeImport, imports)
+        ],
+    )

@@ -140,6 +140,15 @@ filter_match(filter_id, concept_id) AS (
           WHERE cp.concept_id = c.id AND cp.code = f.property
             AND (f.op = 'exists'
                  OR {instr}(',' || f.value || ',', ',' || cp.value || ',') > 0))
+),
+-- Rules that take a whole code system (no concept list, no filter). Materialized, so
+-- that the planner joins these few rules to their concepts instead of joining every
+-- rule of a large code system to every concept and discarding most of the pairs.
+whole_system_rule(rule_id) AS MATERIALIZED (
+    SELECT r.id FROM {p}compose_rule r
+    WHERE r.code_system_id IS NOT NULL
+      AND NOT EXISTS (SELECT 1 FROM {p}compose_concept k WHERE k.rule_id = r.id)
+      AND NOT EXISTS (SELECT 1 FROM {p}compose_filter f WHERE f.rule_id = r.id)
 )
 INSERT INTO {p}compose_rule_code
     (rule_id, system, code, display, version, inactive, abstract)
@@ -172,11 +181,10 @@ WHERE NOT EXISTS (
 UNION ALL
 -- Neither: the whole code system.
 SELECT r.id, r.system, c.code, c.display, cs.version, c.inactive, c.abstract
-FROM {p}compose_rule r
+FROM whole_system_rule w
+JOIN {p}compose_rule r ON r.id = w.rule_id
 JOIN {p}code_system cs ON cs.id = r.code_system_id
 JOIN {p}concept c ON c.code_system_id = cs.id
-WHERE NOT EXISTS (SELECT 1 FROM {p}compose_concept k WHERE k.rule_id = r.id)
-  AND NOT EXISTS (SELECT 1 FROM {p}compose_filter f WHERE f.rule_id = r.id)
 """
 
 # "Code m is in the system part of rule r" (a rule without system has no system part).
