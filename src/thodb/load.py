@@ -114,6 +114,7 @@ def load(
         read_paths(paths, counts), canonical_base, summary, progress, counts
     )
     with session_scope(engine, write=True) as session:
+        lock_for_load(session)
         ensure_schema(session.connection())
         _write(session, records, replace, summary, progress)
         if summary.changed:
@@ -148,6 +149,7 @@ def load_resources(
         for resource in expand_bundle(Resource(f"{source}[{i}]", data), counts)
     )
     records = _parse(found, canonical_base, summary, None, counts)
+    lock_for_load(session)
     _write(session, records, replace, summary, None)
     if summary.changed:
         _prepare_refresh(session)
@@ -181,6 +183,23 @@ def _prepare_refresh(session: Session) -> None:
     session.execute(
         sa.text("ANALYZE " + ", ".join(f"{SCHEMA}.{t}" for t in _WRITTEN_TABLES))
     )
+
+
+#: Key of the PostgreSQL advisory lock that serializes loads ("thodb" in ASCII).
+LOAD_LOCK_KEY = 0x74686F6462
+
+
+def lock_for_load(session: Session) -> None:
+    """Wait until no other load is writing, for the rest of the transaction.
+
+    Two loads started at once then run one after the other, each on the other's
+    result. PostgreSQL: a transaction-level advisory lock; SQLite: the write lock its
+    ``BEGIN IMMEDIATE`` already holds.
+    """
+    if not is_sqlite(session):
+        session.execute(
+            sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": LOAD_LOCK_KEY}
+        )
 
 
 def ensure_schema(connection: sa.Connection) -> None:
