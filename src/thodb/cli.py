@@ -623,3 +623,13 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
     click.echo(line(header))
     for row in rows:
         click.echo(line(row))
+
+
+from thodb.cli_reporting import grant_reader, imaging  # noqa: E402
+
+main.add_command(imaging)
+main.add_command(grant_reader)
+
+from thodb.cli_conformance import conformance  # noqa: E402
+
+main.add_command(conformance)

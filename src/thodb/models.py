@@ -321,3 +321,84 @@ class ValueSetMember(Base):
 
 
 Index("ix_value_set_member_system_code", ValueSetMember.system, ValueSetMember.code)
+
+
+# --- imaging and reporting (revision 0002) -------------------------------------------
+
+
+class DicomCodingScheme(Base):
+    """A DICOM Coding Scheme Designator and the FHIR system its codes belong to.
+
+    Filled by the migration from :data:`thodb.imaging.schemes.SCHEMES` (PS3.16 Table
+    8-1), so that DICOM-coded rows can be joined to the terminology in SQL.
+    """
+
+    __tablename__ = "coding_scheme"
+
+    #: Coding Scheme Designator (0008,0102), case-sensitive (``DCM``, ``SCT``, ``NCIt``).
+    designator: Mapped[str] = mapped_column(Text, primary_key=True)
+    #: The FHIR ``Coding.system`` URL for codes of the scheme.
+    system: Mapped[str] = mapped_column(Text, index=True)
+    #: Coding Scheme UID from PS3.16 Table 8-1 (NULL when the table gives none).
+    uid: Mapped[str | None] = mapped_column(Text)
+    name: Mapped[str] = mapped_column(Text)
+
+
+class ImagingCodedItem(Base):
+    """A coded item found in a DICOM file (see :mod:`thodb.imaging.scan`).
+
+    One row per code sequence item of an instance; a SOP instance is immutable in
+    DICOM, so ``(sop_instance_uid, attribute_path)`` identifies a row and a rescan of
+    the same files adds nothing.
+    """
+
+    __tablename__ = "imaging_coded_item"
+    __table_args__ = (
+        UniqueConstraint("sop_instance_uid", "attribute_path"),
+        Index(None, "system", "code_value"),
+        Index(None, "coding_scheme_designator", "code_value"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(Text)
+    series_instance_uid: Mapped[str | None] = mapped_column(Text)
+    sop_instance_uid: Mapped[str] = mapped_column(Text)
+    sop_class_uid: Mapped[str | None] = mapped_column(Text)
+    #: Keywords with 0-based item indices, e.g.
+    #: ``SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0]``.
+    attribute_path: Mapped[str] = mapped_column(Text)
+    #: NULL only for an item with a URN Code Value and no designator.
+    coding_scheme_designator: Mapped[str | None] = mapped_column(Text)
+    coding_scheme_version: Mapped[str | None] = mapped_column(Text)
+    #: Code Value, or the Long Code Value or URN Code Value the item holds instead.
+    code_value: Mapped[str] = mapped_column(Text)
+    code_meaning: Mapped[str] = mapped_column(Text)
+    #: The FHIR system of the coding scheme (NULL when the designator is not known).
+    system: Mapped[str | None] = mapped_column(Text)
+    #: The file the item was read from (NULL when stored without one).
+    source: Mapped[str | None] = mapped_column(Text)
+
+
+class ImagingSelection(Base):
+    """A coding of a FHIR ImagingSelection (R5 ``ImagingSelection.code``/``category``).
+
+    One row per ``Coding``: ``element`` is its FHIRPath inside the resource, e.g.
+    ``code.coding[0]`` or ``category[1].coding[0]``. Loading a resource again replaces
+    its rows (see :mod:`thodb.imaging.store`).
+    """
+
+    __tablename__ = "imaging_selection"
+    __table_args__ = (Index(None, "system", "code"),)
+
+    #: ``ImagingSelection.id`` (else the Bundle entry's ``fullUrl``).
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    element: Mapped[str] = mapped_column(Text, primary_key=True)
+    status: Mapped[str | None] = mapped_column(String(32))
+    study_uid: Mapped[str | None] = mapped_column(Text)
+    series_uid: Mapped[str | None] = mapped_column(Text)
+    system: Mapped[str | None] = mapped_column(Text)
+    version: Mapped[str | None] = mapped_column(Text)
+    code: Mapped[str] = mapped_column(Text)
+    display: Mapped[str | None] = mapped_column(Text)
+    #: The file the resource was read from.
+    source: Mapped[str] = mapped_column(Text)
