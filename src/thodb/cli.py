@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 import sys
 import time
 import uuid
@@ -69,11 +70,21 @@ def _one_line(exc: Exception) -> str:
     if isinstance(exc, sa.exc.OperationalError):
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
         return f"database error: {reason}"
-    return str(exc)
+    return " ".join(str(exc).split())
+
+
+# C0 and C1 control characters and lone surrogates: text from input (a code, a file
+# name) must not move the cursor, forge an extra line or break the terminal encoding.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters and lone surrogates written as escapes."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
 
 
 def _fail(message: str) -> NoReturn:
-    click.echo(f"thodb: error: {message}", err=True)
+    click.echo(f"thodb: error: {printable(message)}", err=True)
     sys.exit(EXIT_ERROR)
 
 
@@ -123,6 +134,10 @@ def main(
         level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("alembic").setLevel(max(level, logging.WARNING))
+    # A code or url that cannot be encoded is written as an escape, not a crash.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     ctx.obj = _State(database_url, debug, quiet)
 
 
@@ -439,10 +454,12 @@ def validate_code(
         if answer.result:
             flag = " (inactive)" if answer.inactive else ""
             click.echo(
-                f"member: {answer.system}#{answer.code} {answer.display or ''}{flag}".rstrip()
+                printable(
+                    f"member: {answer.system}#{answer.code} {answer.display or ''}{flag}"
+                ).rstrip()
             )
         else:
-            click.echo(f"not a member: {answer.message}")
+            click.echo(printable(f"not a member: {answer.message}"))
     else:
         parameters: list[dict[str, Any]] = [
             {"name": "result", "valueBoolean": answer.result}
@@ -500,13 +517,13 @@ def lookup(system: str, code: str, fmt: str) -> None:
         click.echo(
             f"system: {found.system}" + (f"|{found.version}" if found.version else "")
         )
-        click.echo(f"code: {found.code}")
-        click.echo(f"display: {found.display or ''}")
+        click.echo(printable(f"code: {found.code}"))
+        click.echo(printable(f"display: {found.display or ''}"))
         if found.definition:
-            click.echo(f"definition: {found.definition}")
-        click.echo(f"inactive: {'true' if found.inactive else 'false'}")
+            click.echo(printable(f"definition: {found.definition}"))
+        click.echo(printable(f"inactive: {'true' if found.inactive else 'false'}"))
         for prop, value in found.properties:
-            click.echo(f"property {prop}: {value}")
+            click.echo(printable(f"property {prop}: {value}"))
         for language, use, value in found.designations:
             click.echo(
                 f"designation [{language or '-'}] {use or ''}: {value}".replace(
@@ -594,13 +611,13 @@ def stats(fmt: str) -> None:
             }
         )
         return
-    click.echo(f"code systems: {found.code_systems}")
-    click.echo(f"concepts: {found.concepts}")
-    click.echo(f"value sets: {found.value_sets}")
-    click.echo(f"expanded: {found.expanded} ({found.members} members)")
-    click.echo(f"not expandable: {len(found.not_expandable)}")
+    click.echo(printable(f"code systems: {found.code_systems}"))
+    click.echo(printable(f"concepts: {found.concepts}"))
+    click.echo(printable(f"value sets: {found.value_sets}"))
+    click.echo(printable(f"expanded: {found.expanded} ({found.members} members)"))
+    click.echo(printable(f"not expandable: {len(found.not_expandable)}"))
     for vs, why in found.not_expandable:
-        click.echo(f"  {vs}: {why}")
+        click.echo(printable(f"  {vs}: {why}"))
 
 
 # --- output helpers ----------------------------------------------------------------
@@ -622,7 +639,7 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
 
     click.echo(line(header))
     for row in rows:
-        click.echo(line(row))
+        click.echo(printable(line(row)))
 
 
 from thodb.cli_reporting import grant_reader, imaging  # noqa: E402

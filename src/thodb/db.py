@@ -131,10 +131,20 @@ def _sqlite_on_begin(connection: sa.Connection) -> None:
 def session_scope(engine: Engine, *, write: bool = False) -> Iterator[Session]:
     """A session in one transaction: committed when the block ends, rolled back on error.
 
+    A reading transaction sees one snapshot of the database for all its statements
+    (REPEATABLE READ on PostgreSQL; SQLite's read transaction is one already), so an
+    answer is never a mix of the states before and after a load that commits meanwhile.
+
     :param write: the transaction will write; on SQLite it then takes the write lock
         when it begins.
     """
-    bind = engine.execution_options(**{WRITE_OPTION: True}) if write else engine
+    bind: Engine
+    if write:
+        bind = engine.execution_options(**{WRITE_OPTION: True})
+    elif engine.dialect.name == "postgresql":
+        bind = engine.execution_options(isolation_level="REPEATABLE READ")
+    else:
+        bind = engine
     with Session(bind) as session, session.begin():
         yield session
 

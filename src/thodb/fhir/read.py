@@ -193,7 +193,9 @@ def _read_package(path: Path, counts: ReadCounts) -> Iterator[Resource]:
         archive = tarfile.open(path, "r:*")  # noqa: SIM115 - closed by the with below
     except (tarfile.TarError, OSError) as exc:
         raise LoadError(
-            str(path), "", f"not a readable package archive: {exc}"
+            str(path),
+            "",
+            "not a readable package archive: " + " ".join(str(exc).split()),
         ) from None
     with archive:
         members = []

@@ -189,7 +189,10 @@ def parse_xml(data: bytes, source: str) -> dict[str, Any]:
             f"the root element <{name}> has {found}; a FHIR resource must be in the "
             f'FHIR namespace (xmlns="{_FHIR_NAMESPACE}")',
         )
-    return _Converter(source).resource(root, "")
+    try:
+        return _Converter(source).resource(root, "")
+    except RecursionError:
+        raise LoadError(source, "", "XML is nested too deeply") from None
 
 
 def _parse_document(data: bytes, source: str) -> Element:
