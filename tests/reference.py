@@ -507,7 +507,11 @@ class Terminology:
             selected: dict[Key, Member] = {}
             for concept in concepts:
                 code, display = concept["code"], concept.get("display")
-                if code_system and code_system.complete and code not in code_system.concepts:
+                if (
+                    code_system
+                    and code_system.complete
+                    and code not in code_system.concepts
+                ):
                     continue  # not a code of the system (HL7 tx tests: enum-bad)
                 member = (
                     code_system.member(code, display)

@@ -1,12 +1,14 @@
-"""Value-set expansion: computing ``value_set_member`` and reading expansions.
+"""Value-set expansion: computing ``value_set_member`` and answering ``$expand``.
 
 After every load, :func:`refresh` recomputes the membership of every value set:
 
 1. each rule's ``system|version`` and each imported ``url|version`` is resolved to a
-   loaded resource (two UPDATE statements);
+   loaded resource (the newest version a version or pattern selects, see
+   :mod:`thodb.versions`; a request's :class:`~thodb.versions.VersionRules` may say
+   otherwise);
 2. the import graph is checked (no compose, an import that is not loaded, a cycle, a code
-   system that a whole-system or filter rule needs and that is not loaded, an operator
-   that is not supported); a value set that imports one that cannot be expanded cannot be
+   system that a whole-system or filter rule needs and that is not loaded, a filter that
+   cannot be evaluated); a value set that imports one that cannot be expanded cannot be
    expanded either, and the reason is stored in ``value_set.expansion_error``;
 3. the system part of every rule is computed by one recursive statement
    (:data:`thodb.sql.RULE_CODES`, hierarchy filters walk ``concept_parent``);
@@ -16,30 +18,77 @@ After every load, :func:`refresh` recomputes the membership of every value set:
    sets, an exclude that names value sets) need their operands complete beforehand:
    value sets using them are put in a later *pass* (``value_set.stratum``), one more
    statement per level of such nesting. DICOM and the model case need a single pass.
+
+:func:`expand` reads the membership and applies the request's options in Python
+(:class:`ExpandOptions`: ``activeOnly``, text ``filter``, display language,
+designations, properties, hierarchy, paging). A request that asks for other code
+system versions (``force-system-version``, ``system-version``) is answered from a
+membership recomputed inside a savepoint that is rolled back afterwards.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections import defaultdict
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from thodb import sql
+from thodb import concepts, sql, sqlfunctions, versions
 from thodb.canonical import canonical
+from thodb.concepts import CodeSystemInfo, ConceptDetails, Property
 from thodb.db import schema_prefix
 from thodb.errors import NotExpandableError, NotFoundError
-from thodb.models import CodeSystem, ValueSet, ValueSetMember
+from thodb.languages import (
+    PREFERRED_FOR_LANGUAGE,
+    Designation,
+    LanguagePreference,
+    pick_display,
+    select_designations,
+)
+from thodb.models import (
+    CodeSystem,
+    ComposeImport,
+    ComposeRule,
+    ValueSet,
+    ValueSetMember,
+)
+from thodb.outcome import Issue, TerminologyError
+from thodb.versions import VersionRules
 
 log = logging.getLogger(__name__)
+
+#: Properties every code system has without declaring them (R5 codesystem.html#filters
+#: and concept-properties): filters on them are always understood.
+IMPLICIT_PROPERTIES = frozenset(
+    {
+        "concept",
+        "code",
+        "display",
+        "inactive",
+        "status",
+        "notSelectable",
+        "parent",
+        "child",
+    }
+)
+
+
+#: Concept properties every expansion shows, asked for or not: they describe how to
+#: present the code (HL7 tx: parameters-expand-supplement-none, fragment-expansion).
+SHOWN_PROPERTIES = frozenset({"status", "order", "label", "weight"})
 
 
 @dataclass(frozen=True)
 class Member:
-    """One code of an expansion (``ValueSet.expansion.contains``)."""
+    """One code of an expansion (``ValueSet.expansion.contains``).
+
+    :param contains: the members below this one, when the expansion is hierarchical.
+    """
 
     system: str
     code: str
@@ -47,20 +96,95 @@ class Member:
     version: str | None = None
     inactive: bool = False
     abstract: bool = False
+    status: str | None = None
+    definition: str | None = None
+    designations: tuple[Designation, ...] = ()
+    properties: tuple[Property, ...] = ()
+    contains: tuple[Member, ...] = ()
+
+
+@dataclass(frozen=True)
+class ExpandOptions:
+    """The ``$expand`` parameters (FHIR R5 ValueSet-expand OperationDefinition).
+
+    :param active_only: ``activeOnly``: leave out inactive codes.
+    :param hierarchical: nest codes under their parents where the code system has a
+        hierarchy (``excludeNested`` false); the default is a flat list.
+    :param include_designations: ``includeDesignations``.
+    :param designations: ``designation``: which designations to include, each a
+        ``urn:ietf:bcp:47|<language>`` or ``<use system>|<use code>``.
+    :param include_definition: ``includeDefinition``.
+    :param language: ``displayLanguage`` (or ``Accept-Language``).
+    :param filter: ``filter``: text every word of which must begin a word of the
+        display or of a designation.
+    :param offset: ``offset``: codes to skip.
+    :param count: ``count``: codes to return at most; 0 gives the total only.
+    :param properties: ``property``: property codes to return for each code
+        (``definition`` gives the definition as a property).
+    :param versions: ``system-version``, ``check-system-version``,
+        ``force-system-version``.
+    :param max_size: the largest expansion returned without paging; a larger one
+        fails with issue type ``too-costly``.
+    :param supplements: ``useSupplement``: canonicals of supplements to apply.
+    :param exclude_not_for_ui: ``excludeNotForUI``: leave out abstract codes.
+    """
+
+    active_only: bool = False
+    hierarchical: bool = False
+    include_designations: bool = False
+    designations: tuple[str, ...] = ()
+    include_definition: bool = False
+    language: LanguagePreference | None = None
+    filter: str | None = None
+    offset: int = 0
+    count: int | None = None
+    properties: tuple[str, ...] = ()
+    versions: VersionRules = field(default_factory=VersionRules)
+    max_size: int | None = None
+    supplements: tuple[str, ...] = ()
+    exclude_not_for_ui: bool = False
 
 
 @dataclass(frozen=True)
 class Expansion:
-    """The expansion of a value set."""
+    """The expansion of a value set (``ValueSet.expansion``).
+
+    :param contains: the codes returned (a page of them, when paging), nested when
+        the expansion is hierarchical.
+    :param total: the number of codes in the whole expansion.
+    :param offset: the position of the first returned code.
+    :param used_code_systems: ``url|version`` of each code system the expansion used.
+    :param used_value_sets: ``url|version`` of each value set it imported.
+    :param issues: warnings found on the way (draft, experimental, deprecated content).
+    """
 
     url: str
     version: str | None
     contains: list[Member]
+    total: int = -1
+    offset: int = 0
+    name: str | None = None
+    title: str | None = None
+    status: str | None = None
+    used_code_systems: tuple[str, ...] = ()
+    used_value_sets: tuple[str, ...] = ()
+    used_supplements: tuple[str, ...] = ()
+    issues: tuple[Issue, ...] = ()
+    #: Systems whose codes come from more than one version, in the includes or in the
+    #: result: their codes should be shown with their version.
+    versioned_systems: tuple[str, ...] = ()
 
-    @property
-    def total(self) -> int:
-        """Number of codes in the expansion."""
-        return len(self.contains)
+    def __post_init__(self) -> None:
+        if self.total < 0:
+            object.__setattr__(self, "total", sum(1 for _ in self.members()))
+
+    def members(self) -> Iterator[Member]:
+        """Every returned code, nested ones included, parents first."""
+        stack = list(reversed(self.contains))
+        while stack:
+            member = stack.pop()
+            yield member
+            stack.extend(reversed(member.contains))
 
 
 @dataclass(frozen=True)
@@ -73,7 +197,38 @@ class RefreshSummary:
     passes: int
 
 
+class ValueSetNotExpandable(NotExpandableError):
+    """A value set that cannot be expanded, with the issue a FHIR answer reports."""
+
+    def __init__(self, canonical: str, reason: str, issue: Issue) -> None:
+        super().__init__(canonical, reason)
+        self.issue = issue
+
+
+class ValueSetNotFound(NotFoundError):
+    """A value set that is not loaded, with the issue a FHIR answer reports."""
+
+    def __init__(self, message: str, issue: Issue) -> None:
+        super().__init__(message)
+        self.issue = issue
+
+
 # --- step 2: checking the import graph ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """Why a value set cannot be expanded: the message and its FHIR issue type."""
+
+    text: str
+    code: str
+    tx_type: str
+    expression: str | None = None
+
+    def issue(self, text: str | None = None) -> Issue:
+        return Issue(
+            "error", self.code, self.tx_type, text or self.text, self.expression
+        )
 
 
 @dataclass
@@ -82,10 +237,14 @@ class _Node:
     url: str
     version: str | None
     has_compose: bool
-    error: str | None = None
+    problem: _Problem | None = None
     #: (imported value set id, weight): 1 for an operand of an intersection or of a
     #: value-set exclude, 0 for a plain include of one value set.
     edges: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def error(self) -> str | None:
+        return self.problem.text if self.problem else None
 
 
 def _diagnose(session: Session) -> dict[int, _Node]:
@@ -97,9 +256,11 @@ def _diagnose(session: Session) -> dict[int, _Node]:
     }
     for node in nodes.values():
         if not node.has_compose:
-            node.error = (
+            node.problem = _Problem(
                 "it has no compose: the value set is defined by reference, so its "
-                "content is not in the resource"
+                "content is not in the resource",
+                "not-supported",
+                "vs-invalid",
             )
 
     p = schema_prefix(session)
@@ -117,7 +278,7 @@ def _diagnose(session: Session) -> dict[int, _Node]:
     filters = defaultdict(list)
     for row in session.execute(
         sa.text(
-            f"SELECT rule_id, position, property, op FROM {p}compose_filter "
+            f"SELECT rule_id, position, property, op, value FROM {p}compose_filter "
             "ORDER BY rule_id, position"
         )
     ):
@@ -130,18 +291,21 @@ def _diagnose(session: Session) -> dict[int, _Node]:
         )
     ):
         imports[row.rule_id].append(row)
+    known = _known_properties(session)
 
     for rule in rules:
         node = nodes[rule.value_set_id]
         where = f"compose.{rule.kind}[{rule.position}]"
-        if node.error is None:
-            node.error = _rule_error(rule, where, filters[rule.id])
+        if node.problem is None:
+            node.problem = _rule_problem(rule, where, filters[rule.id], known)
         weight = 1 if rule.kind == "exclude" or rule.import_count > 1 else 0
         for imp in imports[rule.id]:
             if imp.value_set_id is None:
-                node.error = node.error or (
+                node.problem = node.problem or _Problem(
                     f"{where} imports {canonical(imp.url, imp.version)}, "
-                    "which is not loaded"
+                    "which is not loaded",
+                    "not-found",
+                    "not-found",
                 )
             else:
                 node.edges.append((imp.value_set_id, weight))
@@ -149,31 +313,81 @@ def _diagnose(session: Session) -> dict[int, _Node]:
     return nodes
 
 
-def _rule_error(
+def _known_properties(session: Session) -> dict[int, set[str]]:
+    # A filter property is understood when the code system declares it or when any of
+    # its concepts carries it (THO code systems do not always declare theirs).
+    p = schema_prefix(session)
+    known: dict[int, set[str]] = defaultdict(set)
+    for row in session.execute(
+        sa.text(
+            f"""
+            SELECT code_system_id, code FROM {p}code_system_property
+            UNION
+            SELECT c.code_system_id, cp.code
+            FROM {p}concept_property cp JOIN {p}concept c ON c.id = cp.concept_id
+            """
+        )
+    ):
+        known[row.code_system_id].add(row.code)
+    return known
+
+
+def _rule_problem(
     rule: sa.Row[tuple[object, ...]],
     where: str,
     filters: list[sa.Row[tuple[object, ...]]],
-) -> str | None:
+    known: dict[int, set[str]],
+) -> _Problem | None:
     if rule.system is None or rule.has_concepts:
         return None
     if rule.code_system_id is None:
         needs = "filters" if filters else "includes all of"
-        return (
-            f"{where} {needs} code system {canonical(rule.system, rule.version)}, "
-            "which is not loaded"
+        return _Problem(
+            f"{where} {needs} code system {canonical(str(rule.system), _text(rule.version))}"
+            ", which is not loaded",
+            "not-found",
+            "not-found",
         )
     for flt in filters:
-        properties = sql.SUPPORTED_FILTERS.get(flt.op, ())
+        path = f"{where}.filter[{flt.position}]"
+        expression = f"ValueSet.{path}"
+        properties = sql.SUPPORTED_FILTERS.get(str(flt.op), ())
+        if not flt.value:
+            return _Problem(
+                f"{path}: the filter {flt.property} {flt.op} has no value",
+                "invalid",
+                "vs-invalid",
+                expression,
+            )
         if properties == ():
-            return (
-                f"{where}.filter[{flt.position}]: operator {flt.op!r} is not supported"
+            return _Problem(
+                f"{path}: operator {flt.op!r} is not supported",
+                "not-supported",
+                "vs-invalid",
+                expression,
             )
         if properties is not None and flt.property not in properties:
-            return (
-                f"{where}.filter[{flt.position}]: operator {flt.op!r} applies to the "
-                f"concept hierarchy (property 'concept'), not to {flt.property!r}"
+            return _Problem(
+                f"{path}: operator {flt.op!r} applies to the concept hierarchy "
+                f"(property 'concept'), not to {flt.property!r}",
+                "not-supported",
+                "vs-invalid",
+                expression,
+            )
+        declared = known.get(int(str(rule.code_system_id)), set())
+        if flt.property not in IMPLICIT_PROPERTIES and flt.property not in declared:
+            return _Problem(
+                f"{path}: the code system {rule.system} has no property "
+                f"{flt.property!r} to filter on",
+                "not-supported",
+                "vs-invalid",
+                expression,
             )
     return None
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 def _mark_cycles(nodes: dict[int, _Node]) -> None:
@@ -243,8 +457,9 @@ def _report_cycle(nodes: dict[int, _Node], component: set[int]) -> None:
     path.reverse()
     path.append(start)
     names = " -> ".join(canonical(nodes[n].url, nodes[n].version) for n in path)
+    problem = _Problem(f"import cycle: {names}", "processing", "vs-invalid")
     for n in component:
-        nodes[n].error = nodes[n].error or f"import cycle: {names}"
+        nodes[n].problem = nodes[n].problem or problem
 
 
 def _strata(nodes: dict[int, _Node]) -> dict[int, int]:
@@ -254,7 +469,7 @@ def _strata(nodes: dict[int, _Node]) -> dict[int, int]:
     one that cannot be expanded gets an error naming that import and the root cause.
     """
     result: dict[int, int] = {}
-    root_cause: dict[int, str] = {}
+    root_cause: dict[int, _Problem] = {}
     done: set[int] = set()
     for root in nodes:
         if root in done:
@@ -274,21 +489,29 @@ def _strata(nodes: dict[int, _Node]) -> dict[int, int]:
 
 
 def _settle(
-    nodes: dict[int, _Node], v: int, result: dict[int, int], root_cause: dict[int, str]
+    nodes: dict[int, _Node],
+    v: int,
+    result: dict[int, int],
+    root_cause: dict[int, _Problem],
 ) -> None:
     node = nodes[v]
-    if node.error is not None:
-        root_cause[v] = node.error
+    if node.problem is not None:
+        root_cause[v] = node.problem
         return
     level = 0
     for target, weight in node.edges:
         if target not in result:
             other = nodes[target]
-            cause = root_cause.get(target) or other.error or "it is in an import cycle"
+            cause = (
+                root_cause.get(target)
+                or other.problem
+                or _Problem("it is in an import cycle", "processing", "vs-invalid")
+            )
             root_cause[v] = cause
-            node.error = (
-                f"imports {canonical(other.url, other.version)}, which cannot be "
-                f"expanded: {cause}"
+            node.problem = replace(
+                cause,
+                text=f"imports {canonical(other.url, other.version)}, which cannot be "
+                f"expanded: {cause.text}",
             )
             return
         level = max(level, result[target] + weight)
@@ -298,11 +521,68 @@ def _settle(
 # --- steps 1, 3 and 4 ------------------------------------------------------------------
 
 
-def refresh(session: Session) -> RefreshSummary:
-    """Recompute the membership of every loaded value set (see the module docstring)."""
+def _pick(candidates: list[tuple[int, str | None]], pattern: str | None) -> int | None:
+    found, picked = versions.resolve(pattern, [version for _, version in candidates])
+    if not found:
+        return None
+    return next(id_ for id_, version in candidates if version == picked)
+
+
+def _resolve(session: Session, rules: VersionRules) -> None:
+    """Point each rule at its code system and each import at its value set (step 1)."""
+    systems: dict[str, list[tuple[int, str | None]]] = defaultdict(list)
+    for row in session.execute(
+        sa.select(CodeSystem.id, CodeSystem.url, CodeSystem.version).where(
+            sa.func.coalesce(CodeSystem.content, "") != "supplement"
+        )
+    ):
+        systems[row.url].append((row.id, row.version))
+    updates = []
+    for rule in session.execute(
+        sa.select(
+            ComposeRule.id,
+            ComposeRule.system,
+            ComposeRule.version,
+            ComposeRule.code_system_id,
+        ).where(ComposeRule.system.is_not(None))
+    ):
+        system = str(rule.system)
+        target = _pick(systems.get(system, []), rules.effective(system, rule.version))
+        if target != rule.code_system_id:
+            updates.append({"id": rule.id, "code_system_id": target})
+    if updates:
+        session.execute(sa.update(ComposeRule), updates)
+
+    value_sets: dict[str, list[tuple[int, str | None]]] = defaultdict(list)
+    for vs in session.execute(sa.select(ValueSet.id, ValueSet.url, ValueSet.version)):
+        value_sets[vs.url].append((vs.id, vs.version))
+    updates = []
+    for imp in session.execute(
+        sa.select(
+            ComposeImport.id,
+            ComposeImport.url,
+            ComposeImport.version,
+            ComposeImport.value_set_id,
+        )
+    ):
+        target = _pick(value_sets.get(imp.url, []), imp.version)
+        if target != imp.value_set_id:
+            updates.append({"id": imp.id, "value_set_id": target})
+    if updates:
+        session.execute(sa.update(ComposeImport), updates)
+
+
+def refresh(session: Session, *, rules: VersionRules | None = None) -> RefreshSummary:
+    """Recompute the membership of every loaded value set (see the module docstring).
+
+    :param rules: code system versions to resolve includes to instead of the ones
+        the value sets name (a request's ``force-system-version`` and
+        ``system-version``); only for membership that is rolled back afterwards.
+    """
     session.flush()
-    session.execute(sql.render(session, sql.RESOLVE_CODE_SYSTEMS))
-    session.execute(sql.render(session, sql.RESOLVE_IMPORTS))
+    _serialize(session)
+    sqlfunctions.ensure(session)
+    _resolve(session, rules or VersionRules())
 
     nodes = _diagnose(session)
     strata = _strata(nodes)
@@ -359,22 +639,92 @@ def refresh(session: Session) -> RefreshSummary:
     return summary
 
 
+# Any constant identifies thodb's lock; this one reads "thodb" in ASCII.
+_REFRESH_LOCK = 0x74686F6462
+
+
+def _serialize(session: Session) -> None:
+    # Two PostgreSQL transactions recomputing membership at once would update the same
+    # value_set rows in different orders and deadlock: the second waits for the first
+    # to commit, then computes over both loads. (SQLite writers queue on BEGIN
+    # IMMEDIATE already.)
+    if schema_prefix(session):
+        session.execute(sa.select(sa.func.pg_advisory_xact_lock(_REFRESH_LOCK)))
+
+
+@contextmanager
+def version_scope(session: Session, rules: VersionRules) -> Iterator[None]:
+    """Inside the block, membership is resolved under ``rules``; afterwards as before.
+
+    When the rules change how some include resolves, :func:`refresh` runs inside a
+    savepoint that is rolled back when the block ends; otherwise nothing is done.
+    """
+    if not _changes_any(session, rules):
+        yield
+        return
+    savepoint = session.begin_nested()
+    try:
+        refresh(session, rules=rules)
+        yield
+    finally:
+        savepoint.rollback()
+
+
+def _changes_any(session: Session, rules: VersionRules) -> bool:
+    if not rules:
+        return False
+    systems = set(rules.force) | set(rules.default) | set(rules.check)
+    return any(
+        rules.changes(row.system, row.version)
+        for row in session.execute(
+            sa.select(ComposeRule.system, ComposeRule.version)
+            .where(ComposeRule.system.in_(sorted(systems)))
+            .distinct()
+        )
+    )
+
+
+def problem_of(session: Session, value_set: ValueSet) -> Issue:
+    """The issue that says why ``value_set`` cannot be expanded."""
+    nodes = _diagnose(session)
+    _strata(nodes)
+    node = nodes.get(value_set.id)
+    if node is None or node.problem is None:
+        text = value_set.expansion_error or "it has not been expanded"
+        return Issue("error", "processing", "vs-invalid", text)
+    return node.problem.issue(
+        f"{canonical(value_set.url, value_set.version)} cannot be expanded: "
+        f"{node.problem.text}"
+    )
+
+
 # --- reading ---------------------------------------------------------------------------
 
 
 def find_value_set(session: Session, url: str, version: str | None = None) -> ValueSet:
     """The loaded value set ``url|version`` (the newest version when none is given).
 
-    :raises NotFoundError: when no such value set is loaded.
+    :raises ValueSetNotFound: when no such value set is loaded.
     """
+    # populate_existing: a row read again must show what is committed now.
     query = sa.select(ValueSet).where(ValueSet.url == url)
-    if version is not None:
-        query = query.where(ValueSet.version == version)
-    query = query.order_by(ValueSet.version.is_(None), ValueSet.version.desc()).limit(1)
-    found = session.scalars(query).first()
-    if found is None:
-        raise NotFoundError(f"value set {canonical(url, version)} is not loaded")
-    return found
+    rows = (
+        session.scalars(query.execution_options(populate_existing=True)).all()
+        if concepts.storable(url)
+        else []
+    )
+    found, picked = versions.resolve(version, [row.version for row in rows])
+    if not found:
+        text = f"value set {canonical(url, version)} is not loaded"
+        issue = Issue(
+            "error",
+            "not-found",
+            "not-found",
+            text,
+            message_id="Unable_to_resolve_value_Set_",
+        )
+        raise ValueSetNotFound(text, issue)
+    return next(row for row in rows if row.version == picked)
 
 
 def find_code_system(
@@ -384,38 +734,212 @@ def find_code_system(
 
     :raises NotFoundError: when no such code system is loaded.
     """
-    query = sa.select(CodeSystem).where(CodeSystem.url == url)
-    if version is not None:
-        query = query.where(CodeSystem.version == version)
-    query = query.order_by(
-        CodeSystem.version.is_(None), CodeSystem.version.desc()
-    ).limit(1)
-    found = session.scalars(query).first()
+    info = concepts.find_code_system(session, url, version)
+    found = session.get(CodeSystem, info.id) if info is not None else None
     if found is None:
         raise NotFoundError(f"code system {canonical(url, version)} is not loaded")
     return found
 
 
+def closure(session: Session, value_set_id: int) -> list[int]:
+    """Ids of ``value_set_id`` and of every value set it imports, directly or not."""
+    return [
+        row[0]
+        for row in session.execute(
+            sql.render(session, sql.CLOSURE), {"value_set_id": value_set_id}
+        )
+    ]
+
+
+def used_code_systems(
+    session: Session, value_set_ids: list[int]
+) -> list[CodeSystemInfo]:
+    """The code systems the includes of these value sets resolve to."""
+    ids = session.scalars(
+        sa.select(ComposeRule.code_system_id)
+        .where(
+            ComposeRule.value_set_id.in_(value_set_ids),
+            ComposeRule.code_system_id.is_not(None),
+        )
+        .distinct()
+    ).all()
+    found = [
+        concepts.find_code_system(session, row.url, row.version)
+        for row in session.scalars(sa.select(CodeSystem).where(CodeSystem.id.in_(ids)))
+    ]
+    return sorted(
+        (cs for cs in found if cs is not None),
+        key=lambda cs: (cs.url, versions.sort_key(cs.version)),
+    )
+
+
+def check_versions(used: Iterable[CodeSystemInfo], rules: VersionRules) -> None:
+    """Enforce ``check-system-version``.
+
+    :raises TerminologyError: (``version-error``) when a code system resolved to a
+        version the rules do not allow.
+    """
+    for cs in used:
+        wanted = rules.check.get(cs.url)
+        if wanted is not None and not versions.matches(wanted, cs.version):
+            raise TerminologyError.single(
+                "exception",
+                "version-error",
+                f"the value set uses {cs.canonical}, but check-system-version asks for "
+                f"version {wanted}",
+                message_id="VALUESET_VERSION_CHECK",
+            )
+
+
 def expand(
-    session: Session, url: str, version: str | None = None, *, live: bool = False
+    session: Session,
+    url: str,
+    version: str | None = None,
+    *,
+    live: bool = False,
+    options: ExpandOptions | None = None,
 ) -> Expansion:
     """Expand the value set ``url|version`` (FHIR ``$expand``).
 
-    :param live: compute the expansion from the compose with the recursive statement
+    :param version: the value set's version (a version or pattern; the newest when
+        ``None``).
+    :param live: compute the membership from the compose with the recursive statement
         (:data:`thodb.sql.EXPAND_LIVE`) instead of reading ``value_set_member``; the
         result is the same.
-    :raises NotFoundError: when the value set is not loaded.
-    :raises NotExpandableError: when it cannot be expanded (the reason says why).
+    :param options: the ``$expand`` parameters; the default is a flat expansion of
+        every code.
+    :raises ValueSetNotFound: when the value set is not loaded.
+    :raises ValueSetNotExpandable: when it cannot be expanded (the reason says why).
+    :raises TerminologyError: for a bad option (unknown supplement, version check,
+        too costly).
     """
-    value_set = find_value_set(session, url, version)
-    if value_set.expansion_status != "expanded":
-        raise NotExpandableError(
-            canonical(value_set.url, value_set.version),
-            value_set.expansion_error or "it has not been expanded",
+    options = options or ExpandOptions()
+    with version_scope(session, options.versions):
+        value_set, members = _read_consistently(session, url, version, live)
+        return _expand(session, value_set, members, options)
+
+
+# How often to read a value set again when a load replaced it between two statements.
+_READ_ATTEMPTS = 5
+
+
+def _read_consistently(
+    session: Session, url: str, version: str | None, live: bool
+) -> tuple[ValueSet, list[Member]]:
+    """The value set and its members, as one committed state saw them.
+
+    Under PostgreSQL's READ COMMITTED each statement sees the latest commit, so a
+    load that replaces the value set between the two reads would leave its members
+    missing; ``member_count`` tells, and the read is repeated.
+    """
+    for _ in range(_READ_ATTEMPTS):
+        value_set = find_value_set(session, url, version)
+        if value_set.expansion_status != "expanded":
+            raise ValueSetNotExpandable(
+                canonical(value_set.url, value_set.version),
+                value_set.expansion_error or "it has not been expanded",
+                problem_of(session, value_set),
+            )
+        members = _read_members(session, value_set.id, live)
+        if value_set.member_count in (None, len(members)):
+            break
+    return value_set, members
+
+
+def _expand(
+    session: Session, value_set: ValueSet, members: list[Member], options: ExpandOptions
+) -> Expansion:
+    name = canonical(value_set.url, value_set.version)
+    reached = closure(session, value_set.id)
+    used = used_code_systems(session, reached)
+    check_versions(used, options.versions)
+    supplements = [_supplement(session, reference) for reference in options.supplements]
+
+    members = _decorate(session, members, options, supplements)
+    members = [m for m in members if _wanted(m, options)]
+    total = len(members)
+    paged = options.offset > 0 or options.count is not None
+    if options.max_size is not None and total > options.max_size and not paged:
+        raise TerminologyError.single(
+            "too-costly",
+            None,
+            f"the expansion of {name} has {total} codes, more than the {options.max_size} "
+            "this server returns at once; use count and offset to page through it",
+            message_id="VALUESET_TOO_COSTLY",
         )
+    if paged:
+        end = None if options.count is None else options.offset + options.count
+        members = members[options.offset : end]
+    elif options.hierarchical:
+        members = _nest(session, members)
+
+    imported = [vs for vs in reached if vs != value_set.id]
+    versioned = _versioned_systems(session, reached, members)
+    return Expansion(
+        url=value_set.url,
+        version=value_set.version,
+        contains=members,
+        total=total,
+        offset=options.offset,
+        name=value_set.name,
+        title=value_set.title,
+        status=value_set.status,
+        used_code_systems=tuple(cs.canonical for cs in used),
+        used_value_sets=tuple(
+            canonical(row.url, row.version)
+            for row in session.execute(
+                sa.select(ValueSet.url, ValueSet.version).where(
+                    ValueSet.id.in_(imported)
+                )
+            )
+        ),
+        used_supplements=tuple(s.canonical for s in supplements),
+        versioned_systems=versioned,
+    )
+
+
+def _versioned_systems(
+    session: Session, value_set_ids: list[int], members: list[Member]
+) -> tuple[str, ...]:
+    versions_of: dict[str, set[str | None]] = defaultdict(set)
+    for system, version in session.execute(
+        sa.select(ComposeRule.system, ComposeRule.version)
+        .where(
+            ComposeRule.value_set_id.in_(value_set_ids),
+            ComposeRule.kind == "include",
+            ComposeRule.system.is_not(None),
+        )
+        .distinct()
+    ):
+        versions_of[str(system)].add(version)
+    shown: dict[str, set[str | None]] = defaultdict(set)
+    for member in members:
+        shown[member.system].add(member.version)
+    return tuple(
+        sorted(
+            s
+            for s in {*versions_of, *shown}
+            if len(versions_of[s]) > 1 or len(shown[s]) > 1
+        )
+    )
+
+
+def _supplement(session: Session, reference: str) -> CodeSystemInfo:
+    found = concepts.find_supplement(session, reference)
+    if found is None:
+        raise TerminologyError.single(
+            "not-found",
+            "not-found",
+            f"the supplement {reference} is not loaded",
+            message_id="VALUESET_SUPPLEMENT_MISSING",
+        )
+    return found
+
+
+def _read_members(session: Session, value_set_id: int, live: bool) -> list[Member]:
     if live:
         rows: Iterable[sa.Row[tuple[object, ...]]] = session.execute(
-            sql.render(session, sql.EXPAND_LIVE), {"value_set_id": value_set.id}
+            sql.render(session, sql.EXPAND_LIVE), {"value_set_id": value_set_id}
         )
     else:
         rows = session.execute(
@@ -427,18 +951,162 @@ def expand(
                 ValueSetMember.inactive,
                 ValueSetMember.abstract,
             )
-            .where(ValueSetMember.value_set_id == value_set.id)
+            .where(ValueSetMember.value_set_id == value_set_id)
             .order_by(ValueSetMember.system, ValueSetMember.code)
         )
-    contains = [
+    return [
         Member(
-            system=row.system,
-            code=row.code,
-            display=row.display,
-            version=row.version,
+            system=str(row.system),
+            code=str(row.code),
+            display=_text(row.display),
+            version=_text(row.version),
             inactive=bool(row.inactive),
             abstract=bool(row.abstract),
         )
         for row in rows
     ]
-    return Expansion(url=value_set.url, version=value_set.version, contains=contains)
+
+
+def _decorate(
+    session: Session,
+    members: list[Member],
+    options: ExpandOptions,
+    supplements: list[CodeSystemInfo],
+) -> list[Member]:
+    """Add what the options ask for, and order the codes as their code systems do."""
+    need_designations = bool(
+        options.include_designations or options.language or options.filter
+    )
+    by_system: dict[tuple[str, str | None], list[Member]] = defaultdict(list)
+    for member in members:
+        by_system[(member.system, member.version)].append(member)
+    result: list[tuple[tuple[str, int, str], Member]] = []
+    for (system, version), group in by_system.items():
+        cs = (
+            concepts.find_code_system(session, system, version)
+            if version
+            else (concepts.find_code_system(session, system))
+        )
+        found: dict[str, ConceptDetails] = {}
+        if cs is not None and cs.version == version:
+            found = concepts.details(
+                session,
+                cs.id,
+                [m.code for m in group],
+                supplements=concepts.supplements_of(session, supplements, cs),
+                designations=need_designations,
+                properties=True,
+                hierarchy=False,
+            )
+        for member in group:
+            details = found.get(member.code)
+            order = details.id if details is not None else 1 << 62
+            result.append(
+                ((system, order, member.code), _dress(member, details, options))
+            )
+    result.sort(key=lambda item: item[0])
+    return [member for _, member in result]
+
+
+def _dress(
+    member: Member, details: ConceptDetails | None, options: ExpandOptions
+) -> Member:
+    if details is None:
+        return member
+    # Without a language preference the stored display stands: it was read with the
+    # membership, from the same committed state.
+    display = member.display
+    if options.language:
+        display = pick_display(
+            details.display, None, details.designations, options.language
+        )
+    if options.language and details.display is None:
+        display = pick_display(
+            member.display, None, details.designations, options.language
+        )
+    designations: tuple[Designation, ...] = ()
+    if options.include_designations:
+        chosen = select_designations(details.designations, options.designations)
+        if display != details.display and details.display is not None:
+            # The designation shown as the display is not listed again; the code
+            # system's own display still is a designation of the concept.
+            chosen = [d for d in chosen if d.value != display]
+            if not options.designations:
+                chosen.insert(
+                    0, Designation(details.display, None, *PREFERRED_FOR_LANGUAGE)
+                )
+        designations = tuple(chosen)
+    properties: list[Property] = []
+    for code in options.properties:
+        if code == "definition" and details.definition is not None:
+            properties.append(Property("definition", "string", details.definition))
+    shown = {*options.properties, *SHOWN_PROPERTIES}
+    properties += [p for p in details.properties if p.code in shown]
+    if details.status is not None and not any(p.code == "status" for p in properties):
+        properties.append(Property("status", "code", details.status))
+    return replace(
+        member,
+        display=display,
+        status=details.status,
+        definition=details.definition if options.include_definition else None,
+        designations=designations,
+        properties=tuple(properties),
+    )
+
+
+_WORD = re.compile(r"\w+")
+
+
+def _wanted(member: Member, options: ExpandOptions) -> bool:
+    if options.active_only and member.inactive:
+        return False
+    if options.exclude_not_for_ui and member.abstract:
+        return False
+    if options.filter:
+        texts = [member.display or "", member.code] + [
+            d.value for d in member.designations
+        ]
+        words = [w for text in texts for w in _WORD.findall(text.lower())]
+        return all(
+            any(word.startswith(token) for word in words)
+            for token in _WORD.findall(options.filter.lower())
+        )
+    return True
+
+
+def _nest(session: Session, members: list[Member]) -> list[Member]:
+    """Put each code under its parent in the code system, when the parent is a member."""
+    by_system: dict[tuple[str, str | None], list[Member]] = defaultdict(list)
+    for member in members:
+        by_system[(member.system, member.version)].append(member)
+    parent_of: dict[tuple[str, str], str] = {}
+    for (system, version), group in by_system.items():
+        cs = concepts.find_code_system(session, system, version)
+        if cs is None:
+            continue
+        codes = {m.code for m in group}
+        found = concepts.details(
+            session, cs.id, codes, designations=False, properties=False, hierarchy=True
+        )
+        for code, details in found.items():
+            parent = next((p for p in details.parents if p in codes), None)
+            if parent is not None:
+                parent_of[(system, code)] = parent
+    children: dict[tuple[str, str], list[Member]] = defaultdict(list)
+    roots: list[Member] = []
+    for member in members:
+        parent = parent_of.get((member.system, member.code))
+        if parent is None:
+            roots.append(member)
+        else:
+            children[(member.system, parent)].append(member)
+
+    def build(member: Member) -> Member:
+        below = children.get((member.system, member.code), [])
+        return (
+            replace(member, contains=tuple(build(m) for m in below))
+            if below
+            else member
+        )
+
+    return [build(m) for m in roots]

@@ -1,92 +1,1003 @@
 """``$validate-code`` and ``$lookup`` over the loaded content.
 
-Both read only (membership rows, concepts), so they work over a read-only connection
-such as a PostgreSQL hot standby.
+Validation follows the R5 ValueSet-validate-code and CodeSystem-validate-code
+OperationDefinitions and answers the way HL7's terminology test suite expects: a code
+is checked against the code system version the value set selects for it (or the one
+the coding names, or a request's version rules), and every problem found on the way is
+an :class:`~thodb.outcome.Issue` with its tx-issue-type: ``not-in-vs``,
+``invalid-code``, ``invalid-display``, ``not-found`` (unknown system or version),
+``vs-invalid`` (a version that does not match), ``code-rule`` (abstract or inactive
+when not allowed), ``code-comment`` (inactive or deprecated), ``cannot-infer``. The
+answer is valid only when the code is a member and no error was found.
+
+Membership comes from ``value_set_member`` (computed by :func:`thodb.expand.refresh`);
+when a coding names another version of a code system than the value set resolved to,
+membership is recomputed for that version inside a savepoint that is rolled back.
+Both operations only read otherwise.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from thodb import concepts, versions
 from thodb.canonical import canonical
-from thodb.errors import NotExpandableError, NotFoundError
-from thodb.expand import find_code_system, find_value_set
-from thodb.models import (
-    CodeSystem,
-    Concept,
-    ConceptDesignation,
-    ConceptParent,
-    ConceptProperty,
-    ValueSetMember,
+from thodb.concepts import CodeSystemInfo, ConceptDetails, Property
+from thodb.errors import NotFoundError
+from thodb.expand import (
+    ValueSetNotExpandable,
+    closure,
+    find_value_set,
+    problem_of,
+    version_scope,
 )
+from thodb.languages import Designation, LanguagePreference, pick_display
+from thodb.models import ComposeRule, ComposeRuleCode, ValueSet, ValueSetMember
+from thodb.outcome import Issue, TerminologyError, path
+from thodb.versions import VersionRules
+
+
+@dataclass(frozen=True)
+class Coding:
+    """A coded value to validate (FHIR ``Coding``; ``code`` + ``system`` in code form)."""
+
+    system: str | None
+    code: str | None
+    version: str | None = None
+    display: str | None = None
+
+
+@dataclass(frozen=True)
+class ValidateOptions:
+    """The ``$validate-code`` parameters besides the coded value.
+
+    :param abstract_ok: ``abstract``: an abstract (not selectable) code is valid.
+    :param active_only: ``activeOnly``: an inactive code is not valid.
+    :param membership_only: ``valueset-membership-only``: only say whether the code is
+        in the value set; do not look codes up in their code systems.
+    :param lenient_display: ``lenient-display-validation``: a wrong display is a
+        warning, not an error.
+    :param infer_system: ``inferSystem``: find the system of a code given without one
+        from the value set.
+    :param language: ``displayLanguage`` (or ``Accept-Language``).
+    :param versions: ``system-version``, ``check-system-version``,
+        ``force-system-version``.
+    :param supplements: ``useSupplement``: supplements whose designations count.
+    """
+
+    abstract_ok: bool = True
+    active_only: bool = False
+    membership_only: bool = False
+    lenient_display: bool = False
+    infer_system: bool = False
+    language: LanguagePreference | None = None
+    versions: VersionRules = field(default_factory=VersionRules)
+    supplements: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Validation:
-    """The answer of ``$validate-code`` (FHIR Parameters ``result``, ``message``...)."""
+    """The answer of ``$validate-code`` (FHIR Parameters ``result``, ``issues``...).
+
+    :param result: the code is valid: in the value set and without errors.
+    :param message: the error and warning messages, joined.
+    :param unknown_systems: ``x-unknown-system``: code systems (``url|version``) that
+        are not loaded and made the code invalid.
+    :param caused_by_unknown_systems: ``x-caused-by-unknown-system``: code systems that
+        are not loaded and prevented validation.
+    """
 
     result: bool
-    system: str
-    code: str
+    system: str | None
+    code: str | None
     display: str | None = None
     inactive: bool = False
     message: str | None = None
+    version: str | None = None
+    status: str | None = None
+    normalized_code: str | None = None
+    issues: tuple[Issue, ...] = ()
+    unknown_systems: tuple[str, ...] = ()
+    caused_by_unknown_systems: tuple[str, ...] = ()
+
+
+# --- where codes are validated ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Rule:
+    id: int | None
+    system: str
+    version: str | None
+    #: The code system the include resolved to, when it is loaded.
+    code_system_id: int | None = None
+
+
+class _Scope:
+    """The includes a code is checked against: a value set's, or a whole code system."""
+
+    def __init__(
+        self,
+        session: Session,
+        name: str,
+        rules: dict[str, list[_Rule]],
+        value_set: ValueSet | None,
+        code_system: CodeSystemInfo | None = None,
+    ) -> None:
+        self.session = session
+        self.name = name
+        self.rules = rules
+        self.value_set = value_set
+        self.code_system = code_system
+
+    @property
+    def internal(self) -> bool:
+        """True for ``CodeSystem/$validate-code``: no value set was named."""
+        return self.value_set is None
+
+    def rule_for(self, system: str, code: str) -> _Rule | None:
+        """The include whose version applies to ``system#code``.
+
+        The include that selects the code, else the one with the newest version.
+        """
+        rules = self.rules.get(system, [])
+        if not rules:
+            return None
+        ids = [r.id for r in rules if r.id is not None]
+        if ids:
+            hit = self.session.scalars(
+                sa.select(ComposeRuleCode.rule_id).where(
+                    ComposeRuleCode.rule_id.in_(ids),
+                    ComposeRuleCode.system == system,
+                    ComposeRuleCode.code == code,
+                )
+            ).first()
+            for rule in rules:
+                if rule.id == hit:
+                    return rule
+        return max(rules, key=lambda r: versions.sort_key(r.version))
+
+    def is_member(self, rules: VersionRules, cs: CodeSystemInfo, code: str) -> bool:
+        """Is ``cs#code`` in scope, ``cs`` being the version the check settled on?
+
+        The stored membership answers for the code system versions the value set
+        resolved to; for another version (a coding that names it) the membership is
+        recomputed for that version, in a savepoint that is rolled back.
+        """
+        if self.value_set is None:
+            return True
+        found = self._member_version(cs.url, code)
+        resolved = {r.code_system_id for r in self.rules.get(cs.url, [])}
+        if cs.id in resolved or cs.version is None:
+            return found is not None and found[0] in (None, cs.version)
+        with version_scope(self.session, rules.forcing(cs.url, cs.version)):
+            found = self._member_version(cs.url, code)
+        return found is not None
+
+    def _member_version(self, system: str, code: str) -> tuple[str | None] | None:
+        if self.value_set is None:
+            return None
+        row = self.session.execute(
+            sa.select(ValueSetMember.version).where(
+                ValueSetMember.value_set_id == self.value_set.id,
+                ValueSetMember.system == system,
+                ValueSetMember.code == code,
+            )
+        ).first()
+        return None if row is None else (row.version,)
+
+    def listed(self, system: str, code: str) -> tuple[str | None, str | None] | None:
+        """(version, display) of ``system#code`` in the value set's membership, if there."""
+        if self.value_set is None:
+            return None
+        row = self.session.execute(
+            sa.select(ValueSetMember.version, ValueSetMember.display).where(
+                ValueSetMember.value_set_id == self.value_set.id,
+                ValueSetMember.system == system,
+                ValueSetMember.code == code,
+            )
+        ).first()
+        return None if row is None else (row.version, row.display)
+
+    def systems_with(self, code: str) -> list[str]:
+        """The systems whose ``code`` is in the value set (for ``inferSystem``)."""
+        if self.value_set is None:
+            return [self.code_system.url] if self.code_system else []
+        return sorted(
+            self.session.scalars(
+                sa.select(ValueSetMember.system)
+                .where(
+                    ValueSetMember.value_set_id == self.value_set.id,
+                    ValueSetMember.code == code,
+                )
+                .distinct()
+            )
+        )
+
+
+def _value_set_scope(session: Session, value_set: ValueSet) -> _Scope:
+    if value_set.expansion_status != "expanded":
+        problem = problem_of(session, value_set)
+        # A code system that is not loaded only matters for codes of that system.
+        if problem.tx_type != "not-found" or "code system" not in problem.text:
+            raise ValueSetNotExpandable(
+                canonical(value_set.url, value_set.version),
+                value_set.expansion_error or "it has not been expanded",
+                problem,
+            )
+    rules: dict[str, list[_Rule]] = {}
+    for row in session.execute(
+        sa.select(
+            ComposeRule.id,
+            ComposeRule.system,
+            ComposeRule.version,
+            ComposeRule.code_system_id,
+        ).where(
+            ComposeRule.value_set_id.in_(closure(session, value_set.id)),
+            ComposeRule.kind == "include",
+            ComposeRule.system.is_not(None),
+        )
+    ):
+        system = str(row.system)
+        rules.setdefault(system, []).append(
+            _Rule(row.id, system, row.version, row.code_system_id)
+        )
+    return _Scope(
+        session, canonical(value_set.url, value_set.version), rules, value_set
+    )
+
+
+# --- checking one coding --------------------------------------------------------------
+
+
+@dataclass
+class _Check:
+    """What checking one coding found."""
+
+    outcome: bool | None = False
+    system: str | None = None
+    code: str | None = None
+    version: str | None = None
+    display: str | None = None
+    inactive: bool = False
+    status: str | None = None
+    normalized: str | None = None
+    located: bool = False
+
+
+class _Validator:
+    def __init__(
+        self, session: Session, scope: _Scope, options: ValidateOptions
+    ) -> None:
+        self.session = session
+        self.scope = scope
+        self.options = options
+        self.issues: list[Issue] = []
+        self.unknown: list[str] = []
+        self.supplements = [
+            found
+            for found in (
+                concepts.find_supplement(session, s) for s in options.supplements
+            )
+            if found is not None
+        ]
+
+    def add(
+        self,
+        severity: str,
+        code: str,
+        tx_type: str | None,
+        text: str,
+        expression: str | None,
+        message_id: str | None = None,
+    ) -> None:
+        issue = Issue(severity, code, tx_type, text, expression or None, message_id)
+        if issue not in self.issues:
+            self.issues.append(issue)
+
+    def unknown_system(self, system: str, version: str | None, where: str) -> None:
+        name = canonical(system, version)
+        if name in self.unknown:
+            return
+        self.unknown.append(name)
+        if version is None:
+            text = f"the code system {system} is not known to this server"
+            message_id = "UNKNOWN_CODESYSTEM"
+        else:
+            loaded = [
+                cs.version for cs in concepts.code_system_versions(self.session, system)
+            ]
+            known = ", ".join(v for v in loaded if v) or "none"
+            text = (
+                f"version {version} of the code system {system} is not known to this "
+                f"server (versions known: {known})"
+            )
+            message_id = "UNKNOWN_CODESYSTEM_VERSION"
+        self.add(
+            "error", "not-found", "not-found", text, path(where, "system"), message_id
+        )
+
+    def check(self, coding: Coding, where: str, mode: str) -> _Check:
+        """Check one coding; ``where`` is its element path (``Coding``, ``""``...)."""
+        found = _Check(system=coding.system, code=coding.code, version=coding.version)
+        code = coding.code
+        if not code:
+            self.add(
+                "warning",
+                "invalid",
+                "invalid-data",
+                "the coding has no code, so it cannot be validated",
+                where or "code",
+            )
+            return found
+        if not concepts.storable(coding.system, code, coding.version):
+            self.add(
+                "error",
+                "invalid",
+                "invalid-data",
+                "the coding holds a character that no code or system can contain "
+                "(NUL, or a lone surrogate)",
+                where or "code",
+            )
+            return found
+        system = coding.system
+        if not system and self.options.infer_system and mode == "code":
+            system = self._infer(code, found)
+        if not system:
+            if not self.options.infer_system:
+                self.add(
+                    "warning",
+                    "invalid",
+                    "invalid-data",
+                    "the coding has no system, so it cannot be validated",
+                    where or "code",
+                    "Coding_has_no_system__cannot_validate",
+                )
+            return found
+        coding = Coding(system, code, coding.version, coding.display)
+        rule = self.scope.rule_for(system, code)
+        if rule is not None and self._listed_only(system, code, where, found):
+            return found
+        if rule is not None:
+            cs = self._version(coding, rule, where)
+            if cs is None:
+                found.outcome = None
+            else:
+                self._in_code_system(coding, cs, where, found, member_check=True)
+        if (
+            found.outcome is not True
+            and not self.options.membership_only
+            and not found.located
+        ):
+            self._look_up(coding, rule, where, mode, found)
+        return found
+
+    def _listed_only(self, system: str, code: str, where: str, found: _Check) -> bool:
+        """Accept a code the value set lists from a code system that is not loaded.
+
+        SNOMED CT in DICOM's context groups is the case: the code is a member, but
+        neither it nor its display can be checked.
+        """
+        listed = self.scope.listed(system, code)
+        if listed is None or concepts.code_system_versions(self.session, system):
+            return False
+        found.outcome, found.version, found.display = True, listed[0], listed[1]
+        self.add(
+            "warning",
+            "not-found",
+            "not-found",
+            f"the code system {system} is not loaded: {code!r} is in the value set "
+            f"{self.scope.name}, but neither it nor its display could be checked",
+            path(where, "system"),
+            "UNKNOWN_CODESYSTEM",
+        )
+        return True
+
+    def _infer(self, code: str, found: _Check) -> str | None:
+        systems = self.scope.systems_with(code)
+        if len(systems) == 1:
+            found.system = systems[0]
+            return systems[0]
+        text = (
+            f"the code {code!r} is in the value set {self.scope.name} for several systems "
+            f"({', '.join(systems)}), so the system cannot be inferred"
+            if systems
+            else f"the system of the code {code!r} cannot be inferred from the value set "
+            f"{self.scope.name}"
+        )
+        self.add(
+            "error",
+            "not-found",
+            "cannot-infer",
+            text,
+            "code",
+            "UNABLE_TO_INFER_CODESYSTEM",
+        )
+        return None
+
+    def _version(
+        self, coding: Coding, rule: _Rule, where: str
+    ) -> CodeSystemInfo | None:
+        """The code system version to check ``coding`` in, with issues on mismatches."""
+        system, wanted = str(coding.system), coding.version
+        rules = self.options.versions
+        pattern = rules.effective(system, rule.version)
+        if wanted is not None:
+            if pattern is None:
+                loaded = [
+                    cs.version
+                    for cs in concepts.code_system_versions(self.session, system)
+                ]
+                chosen: str | None = (
+                    wanted if any(versions.matches(wanted, v) for v in loaded) else None
+                )
+            elif versions.is_pattern(pattern) and versions.matches(pattern, wanted):
+                chosen = wanted
+            else:
+                chosen = pattern
+            cs = concepts.find_code_system(self.session, system, chosen)
+            if cs is not None and not versions.matches(wanted, cs.version):
+                severity = "warning" if chosen is None else "error"
+                self.add(
+                    severity,
+                    "invalid",
+                    "vs-invalid",
+                    f"the value set {self.scope.name} uses version {cs.version} of {system}, "
+                    f"not the version {wanted} the coding names",
+                    path(where, "version"),
+                    "VALUESET_VALUE_MISMATCH",
+                )
+                if concepts.find_code_system(self.session, system, wanted) is None:
+                    self.unknown_system(system, wanted, where)
+            elif cs is None and chosen != wanted:
+                self.add(
+                    "error",
+                    "invalid",
+                    "vs-invalid",
+                    f"the value set {self.scope.name} asks for version {chosen} of {system}, "
+                    f"not the version {wanted} the coding names",
+                    path(where, "version"),
+                    "VALUESET_VALUE_MISMATCH",
+                )
+        else:
+            chosen = pattern
+            cs = concepts.find_code_system(self.session, system, chosen)
+        if cs is None:
+            self._not_a_code_system(system, chosen, where)
+            return None
+        check = rules.check.get(system)
+        if check is not None and not versions.matches(check, cs.version):
+            self.add(
+                "error",
+                "exception",
+                "version-error",
+                f"the value set {self.scope.name} resolves {system} to version {cs.version}, "
+                f"but check-system-version asks for {check}",
+                path(where, "version"),
+                "VALUESET_VERSION_CHECK",
+            )
+        self._status(cs)
+        return cs
+
+    def _status(self, cs: CodeSystemInfo) -> None:
+        vs = self.scope.value_set
+        if cs.status == "retired":
+            self.add(
+                "information",
+                "business-rule",
+                "status-check",
+                f"the code system {cs.canonical} is retired",
+                None,
+                "MSG_RETIRED",
+            )
+        elif cs.status == "draft" and vs is not None and vs.status != "draft":
+            self.add(
+                "information",
+                "business-rule",
+                "status-check",
+                f"the {vs.status or ''} value set {self.scope.name} refers to the draft "
+                f"code system {cs.canonical}",
+                None,
+                "MSG_DRAFT_SRC_STATUS",
+            )
+
+    def _in_code_system(
+        self,
+        coding: Coding,
+        cs: CodeSystemInfo,
+        where: str,
+        found: _Check,
+        *,
+        member_check: bool,
+    ) -> None:
+        code = str(coding.code)
+        found.version = cs.version
+        located = concepts.locate(self.session, cs, code)
+        if located is None:
+            found.located = True
+            if self.options.membership_only:
+                found.outcome = False
+            elif cs.content != "complete":
+                self.add(
+                    "warning",
+                    "code-invalid",
+                    "invalid-code",
+                    f"the code {code!r} is not in the {cs.content or 'incomplete'} code "
+                    f"system {cs.canonical}, which may not hold all its codes",
+                    path(where, "code"),
+                    "UNKNOWN_CODE_IN_FRAGMENT",
+                )
+                found.outcome = True if member_check else found.outcome
+            else:
+                self.add(
+                    "error",
+                    "code-invalid",
+                    "invalid-code",
+                    f"the code {code!r} is not a code of {cs.canonical}",
+                    path(where, "code"),
+                    "Unknown_Code_in_Version",
+                )
+                found.outcome = False
+            return
+        actual, details = located
+        found.located = True
+        if actual != code:
+            found.normalized = actual
+            self.add(
+                "information",
+                "business-rule",
+                "code-rule",
+                f"the code {code!r} is written {actual!r} in {cs.canonical}, which ignores case",
+                path(where, "code"),
+                "CODE_CASE_DIFFERENCE",
+            )
+        details = self._with_supplements(cs, details)
+        if member_check and self.scope.is_member(self.options.versions, cs, actual):
+            if details.abstract and not self.options.abstract_ok:
+                self.add(
+                    "error",
+                    "business-rule",
+                    "code-rule",
+                    f"the code {code!r} of {cs.url} is abstract and may not be used here",
+                    path(where, "code"),
+                    "ABSTRACT_CODE_NOT_ALLOWED",
+                )
+                found.outcome = False
+            elif self.options.active_only and details.inactive:
+                self.add(
+                    "error",
+                    "business-rule",
+                    "code-rule",
+                    f"the code {code!r} is not active, and only active codes are valid here",
+                    path(where, "code"),
+                    "STATUS_CODE_WARNING_CODE",
+                )
+                found.outcome = False
+            else:
+                found.outcome = True
+        else:
+            found.outcome = False
+        found.inactive = details.inactive
+        found.status = details.status
+        found.display = (
+            pick_display(
+                details.display, None, details.designations, self.options.language
+            )
+            or details.display
+        )
+        if coding.display is not None:
+            self._display(coding, details, where)
+
+    def _with_supplements(
+        self, cs: CodeSystemInfo, details: ConceptDetails
+    ) -> ConceptDetails:
+        ids = concepts.supplements_of(self.session, self.supplements, cs)
+        if not ids:
+            return details
+        return concepts.details(self.session, cs.id, [details.code], supplements=ids)[
+            details.code
+        ]
+
+    def _display(self, coding: Coding, details: ConceptDetails, where: str) -> None:
+        given = str(coding.display)
+        preference = self.options.language
+        severity = "warning" if self.options.lenient_display else "error"
+        everything = _texts(details.display, details.designations)
+        if not preference:
+            if _contains(everything, given):
+                return
+            self._wrong_display(coding, details, where, severity)
+            return
+        # The display's language is the code system's, which the schema does not keep:
+        # it is taken to be any language.
+        in_language = [details.display] if details.display is not None else []
+        in_language += [
+            d.value for d in details.designations if preference.accepts(d.language)
+        ]
+        if _contains(in_language, given):
+            return
+        requested = [d for d in details.designations if preference.accepts(d.language)]
+        if not requested and details.display is None and _contains(everything, given):
+            self.add(
+                "information",
+                "invalid",
+                "invalid-display",
+                f"there is no display for {coding.system}#{coding.code} in the requested "
+                f"language ({preference.text}); {given!r} is valid in another language",
+                path(where, "display"),
+                "NO_VALID_DISPLAY_FOUND_NONE_FOR_LANG_OK",
+            )
+            return
+        self._wrong_display(coding, details, where, severity)
+
+    def _wrong_display(
+        self, coding: Coding, details: ConceptDetails, where: str, severity: str
+    ) -> None:
+        expected = (
+            pick_display(
+                details.display, None, details.designations, self.options.language
+            )
+            or details.display
+        )
+        self.add(
+            severity,
+            "invalid",
+            "invalid-display",
+            f"wrong display {coding.display!r} for {coding.system}#{coding.code}: "
+            f"should be {expected!r}",
+            path(where, "display"),
+            "Display_Name_for__should_be_one_of__instead_of",
+        )
+
+    def _look_up(
+        self, coding: Coding, rule: _Rule | None, where: str, mode: str, found: _Check
+    ) -> None:
+        """Report on a code that is not in the value set, as its code system sees it."""
+        system = str(coding.system)
+        if ":" not in system:
+            self.add(
+                "error",
+                "invalid",
+                "invalid-data",
+                f"the system {system!r} is not an absolute URI: code systems are named "
+                "by canonical URLs",
+                path(where, "system"),
+                "Terminology_TX_System_Relative",
+            )
+        wanted = coding.version
+        if wanted is None and rule is not None:
+            wanted = self.options.versions.effective(system, rule.version)
+        cs = concepts.find_code_system(self.session, system, wanted)
+        if cs is None:
+            self._not_a_code_system(system, wanted, where)
+            return
+        # What the code system says does not change an outcome that is unknown.
+        outcome = found.outcome
+        self._status(cs)
+        self._in_code_system(coding, cs, where, found, member_check=False)
+        if outcome is None:
+            found.outcome = None
+        if mode == "codeableConcept":
+            found.version = coding.version
+
+    def _not_a_code_system(self, system: str, version: str | None, where: str) -> None:
+        is_value_set = self.session.scalar(
+            sa.select(sa.func.count())
+            .select_from(ValueSet)
+            .where(ValueSet.url == system)
+        )
+        if is_value_set:
+            self.add(
+                "error",
+                "invalid",
+                "invalid-data",
+                f"{system} is a value set, not a code system",
+                path(where, "system"),
+                "Terminology_TX_System_ValueSet2",
+            )
+            return
+        supplement = concepts.find_supplement(self.session, system)
+        if supplement is not None:
+            self.add(
+                "error",
+                "invalid",
+                "invalid-data",
+                f"{supplement.canonical} is a supplement: codes belong to the code system "
+                f"it supplements ({supplement.supplements})",
+                path(where, "system"),
+                "CODESYSTEM_CS_NO_SUPPLEMENT",
+            )
+            self.unknown.append(system)
+            return
+        if version is not None and not concepts.code_system_versions(
+            self.session, system
+        ):
+            version = None
+        self.unknown_system(system, version, where)
+
+
+def _texts(display: str | None, designations: Sequence[Designation]) -> list[str]:
+    return ([display] if display is not None else []) + [d.value for d in designations]
+
+
+def _contains(texts: Sequence[str], given: str) -> bool:
+    # Displays are compared ignoring case, not ignoring spaces (HL7 tx:
+    # validation-simple-code-bad-display-ws).
+    folded = given.casefold()
+    return any(text.casefold() == folded for text in texts)
+
+
+# --- assembling the answer -------------------------------------------------------------
+
+
+def _answer(
+    validator: _Validator, checks: list[tuple[Coding, str, _Check]], mode: str
+) -> Validation:
+    scope = validator.scope
+    ok: bool | None = False
+    for _, _, check in checks:
+        if ok is not True and check.outcome is not False:
+            ok = check.outcome
+    if mode == "codeableConcept" and not scope.internal:
+        for coding, where, check in checks:
+            if check.outcome is False:
+                validator.add(
+                    "information",
+                    "code-invalid",
+                    "this-code-not-in-vs",
+                    f"the code {coding.system}#{coding.code} is not in the value set "
+                    f"{scope.name}",
+                    path(where, "code"),
+                    "None_of_the_provided_codes_are_in_the_value_set_one",
+                )
+    if mode == "codeableConcept" and ok is True:
+        _downgrade_unchecked(validator, checks)
+    has_errors = any(issue.is_error for issue in validator.issues)
+    if ok is False and not (scope.internal and has_errors) and checks:
+        summary_at = {"code": "code", "coding": "Coding.code"}.get(mode)
+        codes = ", ".join(f"{c.system}#{c.code}" for c, _, _ in checks)
+        validator.add(
+            "error",
+            "code-invalid",
+            "not-in-vs",
+            f"none of the codes ({codes}) are in the value set {scope.name}",
+            summary_at,
+            "None_of_the_provided_codes_are_in_the_value_set_one",
+        )
+    valid = ok is True and not any(issue.is_error for issue in validator.issues)
+
+    matched = next((c for c in checks if c[2].outcome is True), None)
+    shown = matched or (checks[0] if checks and mode != "codeableConcept" else None)
+    inactive = next((c for c in checks if c[2].inactive), None)
+    if inactive is not None:
+        coding, where, check = inactive
+        validator.add(
+            "warning",
+            "business-rule",
+            "code-comment",
+            f"the concept {coding.code!r} is {check.status or 'inactive'}",
+            where or "code",
+            "INACTIVE_CONCEPT_FOUND",
+        )
+    else:
+        deprecated = next((c for c in checks if c[2].status == "deprecated"), None)
+        if deprecated is not None:
+            validator.add(
+                "warning",
+                "business-rule",
+                "code-comment",
+                f"the concept {deprecated[0].code!r} is deprecated",
+                deprecated[1] or "code",
+                "DEPRECATED_CONCEPT_FOUND",
+            )
+    show_inactive = inactive is not None and (
+        mode != "codeableConcept" or (matched is not None and inactive[1] == matched[1])
+    )
+    status = None
+    if show_inactive and inactive is not None and inactive[2].status != "inactive":
+        status = inactive[2].status
+    elif inactive is None and any(c[2].status == "deprecated" for c in checks):
+        status = "deprecated"
+    texts = sorted(
+        {i.text for i in validator.issues if i.severity in ("error", "warning")}
+    )
+    return Validation(
+        result=valid,
+        system=shown[2].system if shown else None,
+        code=shown[2].code if shown else None,
+        display=shown[2].display if shown else None,
+        inactive=show_inactive,
+        message="; ".join(texts) or None,
+        version=shown[2].version if shown else None,
+        status=status,
+        normalized_code=shown[2].normalized if shown else None,
+        issues=tuple(validator.issues),
+        unknown_systems=tuple(validator.unknown) if ok is False else (),
+        caused_by_unknown_systems=tuple(validator.unknown)
+        if ok is not False and not valid
+        else (),
+    )
+
+
+def _downgrade_unchecked(
+    validator: _Validator, checks: list[tuple[Coding, str, _Check]]
+) -> None:
+    # One valid coding satisfies a CodeableConcept: a coding of an unknown code system
+    # next to it is reported, but as a warning.
+    unchecked = {
+        path(where, "system") for _, where, check in checks if check.outcome is not True
+    }
+    validator.issues = [
+        Issue("warning", i.code, i.tx_type, i.text, i.expression, i.message_id)
+        if i.is_error and i.tx_type == "not-found" and i.expression in unchecked
+        else i
+        for i in validator.issues
+    ]
+
+
+def _run(
+    session: Session,
+    scope: _Scope,
+    codings: Sequence[Coding],
+    mode: str,
+    options: ValidateOptions,
+) -> Validation:
+    validator = _Validator(session, scope, options)
+    checks = []
+    for i, coding in enumerate(codings):
+        where = {"code": "", "coding": "Coding"}.get(
+            mode, f"CodeableConcept.coding[{i}]"
+        )
+        checks.append((coding, where, validator.check(coding, where, mode)))
+    return _answer(validator, checks, mode)
+
+
+def _supplements(session: Session, options: ValidateOptions) -> None:
+    for reference in options.supplements:
+        if concepts.find_supplement(session, reference) is None:
+            raise TerminologyError.single(
+                "not-found",
+                "not-found",
+                f"the supplement {reference} is not loaded",
+                message_id="VALUESET_SUPPLEMENT_MISSING",
+            )
 
 
 def validate_code(
     session: Session,
     url: str,
     *,
-    system: str,
+    system: str | None,
     code: str,
     display: str | None = None,
     version: str | None = None,
+    system_version: str | None = None,
+    options: ValidateOptions | None = None,
 ) -> Validation:
-    """Is ``system|code`` a member of value set ``url|version``? (``ValueSet/$validate-code``)
+    """Is ``system|code`` valid in value set ``url|version``? (``ValueSet/$validate-code``)
 
-    The result is false for a code that is not a member, and for a member whose
-    ``display`` differs from the expansion's display; ``message`` says why.
-
-    :raises NotFoundError: when the value set is not loaded.
-    :raises NotExpandableError: when it cannot be expanded.
+    :param system: the code's system (``None`` with ``options.infer_system``).
+    :param display: a display to check.
+    :param version: the value set's version (the newest when ``None``).
+    :param system_version: the code system version the code is from.
+    :raises ValueSetNotFound: when the value set is not loaded.
+    :raises ValueSetNotExpandable: when it cannot be evaluated (an import cycle, a bad
+        filter, an import that is not loaded).
+    :raises TerminologyError: when a requested supplement is not loaded.
     """
-    value_set = find_value_set(session, url, version)
-    name = canonical(value_set.url, value_set.version)
-    if value_set.expansion_status != "expanded":
-        raise NotExpandableError(name, value_set.expansion_error or "not expanded")
-    member = session.execute(
-        sa.select(ValueSetMember.display, ValueSetMember.inactive).where(
-            ValueSetMember.value_set_id == value_set.id,
-            ValueSetMember.system == system,
-            ValueSetMember.code == code,
+    coding = Coding(system, code, system_version, display)
+    return validate_coding(
+        session, url, coding, version=version, options=options, mode="code"
+    )
+
+
+def validate_coding(
+    session: Session,
+    url: str,
+    coding: Coding,
+    *,
+    version: str | None = None,
+    options: ValidateOptions | None = None,
+    mode: str = "coding",
+) -> Validation:
+    """Validate a ``Coding`` against value set ``url|version``.
+
+    :param mode: ``coding`` (issues name ``Coding.code``...) or ``code`` (issues name
+        ``code``, ``system``...).
+    :raises ValueSetNotFound: see :func:`validate_code`.
+    """
+    return validate_concept(
+        session, url, [coding], version=version, options=options, mode=mode
+    )
+
+
+def validate_concept(
+    session: Session,
+    url: str,
+    codings: Sequence[Coding],
+    *,
+    version: str | None = None,
+    options: ValidateOptions | None = None,
+    mode: str = "codeableConcept",
+) -> Validation:
+    """Validate a ``CodeableConcept`` (valid when one of its codings is).
+
+    :raises ValueSetNotFound: see :func:`validate_code`.
+    """
+    options = options or ValidateOptions()
+    _supplements(session, options)
+    with version_scope(session, options.versions):
+        for _ in range(_READ_ATTEMPTS):
+            value_set = find_value_set(session, url, version)
+            scope = _value_set_scope(session, value_set)
+            answer = _run(session, scope, codings, mode, options)
+            # Under PostgreSQL's READ COMMITTED a load may replace the value set between
+            # two reads; a sequence never gives an id twice, so its row still being
+            # there proves it was not. (A SQLite reader sees one snapshot throughout.)
+            if session.scalar(
+                sa.select(ValueSet.id).where(ValueSet.id == value_set.id)
+            ):
+                break
+        return answer
+
+
+# How often to validate again when a load replaced the value set meanwhile.
+_READ_ATTEMPTS = 5
+
+
+def validate_in_code_system(
+    session: Session,
+    codings: Sequence[Coding],
+    *,
+    url: str | None = None,
+    version: str | None = None,
+    options: ValidateOptions | None = None,
+    mode: str = "code",
+) -> Validation:
+    """Is the code a code of the code system? (``CodeSystem/$validate-code``)
+
+    :param url: the code system (else the first coding's system).
+    :param version: its version (else the first coding's version).
+    :raises TerminologyError: when no code system is given.
+    """
+    options = options or ValidateOptions()
+    _supplements(session, options)
+    first = codings[0] if codings else Coding(None, None)
+    system = url or first.system
+    if system is None:
+        raise TerminologyError.single(
+            "invalid",
+            "invalid-data",
+            "no code system: give url or a coding with a system",
+            status=400,
         )
-    ).first()
-    if member is None:
-        return Validation(
-            False,
-            system,
-            code,
-            message=f"the code {system}#{code} is not in the value set {name}",
-        )
-    if display is not None and member.display is not None and display != member.display:
-        return Validation(
-            False,
-            system,
-            code,
-            member.display,
-            bool(member.inactive),
-            message=f"wrong display {display!r} for {system}#{code}: "
-            f"should be {member.display!r}",
-        )
-    return Validation(True, system, code, member.display, bool(member.inactive))
+    wanted = version or first.version
+    cs = concepts.find_code_system(session, system, wanted)
+    rules = {system: [_Rule(None, system, cs.version if cs else wanted)]}
+    name = cs.canonical if cs else canonical(system, wanted)
+    scope = _Scope(session, name, rules, None, cs)
+    return _run(session, scope, codings, mode, options)
+
+
+# --- $lookup ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Lookup:
-    """The answer of ``CodeSystem/$lookup``."""
+    """The answer of ``CodeSystem/$lookup``.
+
+    :param properties: (code, value) of each concept property, ``parent`` and
+        ``child`` included.
+    :param designations: (language, use code, value) of each designation.
+    :param property_values: each property with its type, the ``inactive`` property
+        always there, then those of the supplements in use.
+    :param designation_values: each designation, the code system's own ones first and
+        then those of the supplements in use.
+    """
 
     name: str | None
     system: str
@@ -96,83 +1007,104 @@ class Lookup:
     definition: str | None
     inactive: bool
     abstract: bool
-    #: (code, value) of each concept property, ``parent`` and ``child`` included.
     properties: list[tuple[str, str | None]] = field(default_factory=list)
-    #: (language, use code, value) of each designation.
     designations: list[tuple[str | None, str | None, str]] = field(default_factory=list)
+    property_values: list[Property] = field(default_factory=list)
+    designation_values: list[Designation] = field(default_factory=list)
+    used_supplements: list[str] = field(default_factory=list)
+    #: The displays of the parent and child codes named in ``properties``.
+    descriptions: dict[str, str] = field(default_factory=dict)
+    #: For each designation from a supplement, that supplement's ``url|version``.
+    sources: dict[int, str] = field(default_factory=dict)
 
 
 def lookup(
-    session: Session, *, system: str, code: str, version: str | None = None
+    session: Session,
+    *,
+    system: str,
+    code: str,
+    version: str | None = None,
+    supplements: Sequence[str] = (),
 ) -> Lookup:
     """Look up ``system|code`` in a loaded code system (``CodeSystem/$lookup``).
 
+    :param supplements: ``useSupplement``: supplements whose designations and
+        properties are added.
     :raises NotFoundError: when the code system is not loaded or has no such code.
+    :raises TerminologyError: when a supplement is not loaded.
     """
-    code_system: CodeSystem = find_code_system(session, system, version)
-    concept = session.scalars(
-        sa.select(Concept).where(
-            Concept.code_system_id == code_system.id, Concept.code == code
-        )
-    ).first()
-    if concept is None:
-        raise NotFoundError(
-            f"code {code!r} is not in code system "
-            f"{canonical(code_system.url, code_system.version)}"
-        )
-    properties: list[tuple[str, str | None]] = [
-        (row.code, row.value)
-        for row in session.execute(
-            sa.select(ConceptProperty.code, ConceptProperty.value)
-            .where(ConceptProperty.concept_id == concept.id)
-            .order_by(ConceptProperty.id)
-        )
-    ]
-    parent = sa.orm.aliased(Concept)
-    # Edges from nested concepts become parent/child properties; those written as
-    # properties in the resource are listed once.
-    properties += [
-        ("parent", row[0])
-        for row in session.execute(
-            sa.select(parent.code)
-            .join(ConceptParent, ConceptParent.parent_id == parent.id)
-            .where(ConceptParent.concept_id == concept.id)
-            .order_by(parent.code)
-        )
-        if ("parent", row[0]) not in properties
-        and ("subsumedBy", row[0]) not in properties
-    ]
-    properties += [
-        ("child", row[0])
-        for row in session.execute(
-            sa.select(parent.code)
-            .join(ConceptParent, ConceptParent.concept_id == parent.id)
-            .where(ConceptParent.parent_id == concept.id)
-            .order_by(parent.code)
-        )
-        if ("child", row[0]) not in properties
-    ]
-    designations = [
-        (row.language, row.use_code, row.value)
-        for row in session.execute(
-            sa.select(
-                ConceptDesignation.language,
-                ConceptDesignation.use_code,
-                ConceptDesignation.value,
+    cs = concepts.find_code_system(session, system, version)
+    if cs is None:
+        raise NotFoundError(f"code system {canonical(system, version)} is not loaded")
+    used = []
+    for reference in supplements:
+        found = concepts.find_supplement(session, reference)
+        if found is None:
+            raise TerminologyError.single(
+                "not-found",
+                "not-found",
+                f"the supplement {reference} is not loaded",
+                message_id="VALUESET_SUPPLEMENT_MISSING",
             )
-            .where(ConceptDesignation.concept_id == concept.id)
-            .order_by(ConceptDesignation.id)
-        )
+        used.append(found)
+    located = concepts.locate(session, cs, code)
+    if located is None:
+        raise NotFoundError(f"code {code!r} is not in code system {cs.canonical}")
+    actual, details = located
+    properties = [
+        Property("inactive", "boolean", "true" if details.inactive else "false")
     ]
+    properties += [p for p in details.properties if p.code != "inactive"]
+    listed = {(p.code, p.value) for p in properties}
+    properties += [
+        Property("parent", "code", parent)
+        for parent in details.parents
+        if ("parent", parent) not in listed and ("subsumedBy", parent) not in listed
+    ]
+    properties += [
+        Property("child", "code", child)
+        for child in details.children
+        if ("child", child) not in listed
+    ]
+    related = sorted({*details.parents, *details.children})
+    descriptions = {
+        c: d.display
+        for c, d in concepts.details(
+            session,
+            cs.id,
+            related,
+            designations=False,
+            properties=False,
+            hierarchy=False,
+        ).items()
+        if d.display is not None
+    }
+    designations = list(details.designations)
+    sources: dict[int, str] = {}
+    for supplement in used:
+        extra = concepts.details(session, supplement.id, [actual], hierarchy=False).get(
+            actual
+        )
+        if extra is None:
+            continue
+        for designation in extra.designations:
+            sources[len(designations)] = supplement.canonical
+            designations.append(designation)
+        properties += extra.properties
     return Lookup(
-        name=code_system.title or code_system.name,
-        system=code_system.url,
-        version=code_system.version,
-        code=concept.code,
-        display=concept.display,
-        definition=concept.definition,
-        inactive=concept.inactive,
-        abstract=concept.abstract,
-        properties=properties,
-        designations=designations,
+        name=cs.name or cs.title,
+        system=cs.url,
+        version=cs.version,
+        code=actual,
+        display=details.display,
+        definition=details.definition,
+        inactive=details.inactive,
+        abstract=details.abstract,
+        properties=[(p.code, p.value) for p in properties if p.code != "inactive"],
+        designations=[(d.language, d.use_code, d.value) for d in details.designations],
+        property_values=properties,
+        designation_values=designations,
+        used_supplements=[s.canonical for s in used],
+        descriptions=descriptions,
+        sources=sources,
     )

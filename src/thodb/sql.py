@@ -1,8 +1,10 @@
 """The recursive SQL statements of expansion, laid out as SQL.
 
 Each statement is written once with ``{p}`` for the schema prefix (``tho.`` on
-PostgreSQL, nothing on SQLite) and ``{instr}`` for the substring-position function;
-both come from a fixed set in :func:`render`, never from input. Every value is bound.
+PostgreSQL, nothing on SQLite), ``{instr}`` for the substring-position function and
+``{regex_code}``/``{regex_property}`` for a whole-value regular-expression match (see
+:mod:`thodb.sqlfunctions`); all come from a fixed set in :func:`render`, never from
+input. Every value is bound.
 
 FHIR meaning (R5 valueset.html#compose): members = union of ``include`` minus union of
 ``exclude``; inside one include/exclude, the *system part* (its ``concept`` list, its
@@ -16,6 +18,7 @@ from sqlalchemy import Connection, TextClause, text
 from sqlalchemy.orm import Session
 
 from thodb.db import schema_prefix
+from thodb.sqlfunctions import regex_match
 
 #: Filter operators evaluated by RULE_CODES (others leave a value set not expandable).
 SUPPORTED_FILTERS = {
@@ -29,6 +32,7 @@ SUPPORTED_FILTERS = {
     "in": None,
     "not-in": None,
     "exists": None,
+    "regex": None,  # the code, the display, or any property's value
 }
 
 
@@ -36,7 +40,13 @@ def render(bind: Session | Connection, template: str) -> TextClause:
     """Fill the dialect fragments of a statement template and wrap it as text."""
     sqlite = schema_prefix(bind) == ""
     return text(
-        template.format(p=schema_prefix(bind), instr="instr" if sqlite else "strpos")
+        template.format(
+            p=schema_prefix(bind),
+            instr="instr" if sqlite else "strpos",
+            regex_code=regex_match(sqlite, "c.code", "f.value"),
+            regex_display=regex_match(sqlite, "c.display", "f.value"),
+            regex_property=regex_match(sqlite, "cp.value", "f.value"),
+        )
     )
 
 
@@ -117,6 +127,8 @@ filter_match(filter_id, concept_id) AS (
            AND {instr}(',' || f.value || ',', ',' || c.code || ',') > 0)
        OR (f.op = 'not-in' AND f.property IN ('concept', 'code')
            AND {instr}(',' || f.value || ',', ',' || c.code || ',') = 0)
+       OR (f.op = 'regex' AND f.property IN ('concept', 'code') AND {regex_code})
+       OR (f.op = 'regex' AND f.property = 'display' AND {regex_display})
     UNION
     -- =, in and exists on a concept property
     SELECT f.id, c.id
@@ -127,6 +139,8 @@ filter_match(filter_id, concept_id) AS (
     WHERE (f.op = '=' AND cp.value = f.value)
        OR (f.op = 'in' AND {instr}(',' || f.value || ',', ',' || cp.value || ',') > 0)
        OR (f.op = 'exists' AND f.value = 'true')
+       OR (f.op = 'regex' AND f.property NOT IN ('concept', 'code', 'display')
+           AND {regex_property})
     UNION
     -- not-in and exists = false on a concept property
     SELECT f.id, c.id
@@ -215,6 +229,29 @@ _NOT_EXCLUDED = """NOT EXISTS (
                                   WHERE m2.value_set_id = j.value_set_id
                                     AND m2.system = m.system AND m2.code = m.code)))"""
 
+# The smallest display that the operands of an intersection (rule r, member m of its
+# first value set) give for m: those of the value sets and of the system part. A
+# loaded code system's display is the same in all of them; an enumerated code of one
+# that is not loaded may have a display in one operand only.
+_SMALLEST_DISPLAY = """(SELECT MIN(d.display) FROM (
+               SELECT m2.display FROM {p}compose_import j
+               JOIN {p}value_set_member m2 ON m2.value_set_id = j.value_set_id
+               WHERE j.rule_id = r.id AND m2.system = m.system AND m2.code = m.code
+               UNION ALL
+               SELECT k.display FROM {p}compose_rule_code k
+               WHERE k.rule_id = r.id AND k.system = m.system AND k.code = m.code
+           ) d)"""
+
+# The same for a member m of the recursive walk: the smaller of its display and the
+# one rule r's system part gives (PostgreSQL allows no aggregate over the recursive
+# table inside the walk, so two values are compared).
+_SMALLER_RULE_DISPLAY = """COALESCE((
+               SELECT CASE WHEN m.display IS NULL OR k.display < m.display
+                           THEN k.display ELSE m.display END
+               FROM {p}compose_rule_code k
+               WHERE k.rule_id = r.id AND k.system = m.system AND k.code = m.code
+                 AND k.display IS NOT NULL), m.display)"""
+
 # The members of every value set in `target`, in one recursive statement. Rows flow
 # up the import graph: a value set's codes are added to each value set that includes
 # it (an include naming exactly one value set is a union edge). An include that
@@ -238,9 +275,10 @@ member(value_set_id, system, code, display, version, inactive, abstract) AS (
     + """
     UNION
     -- An include whose value sets were expanded in an earlier pass: the members of the
-    -- first that are also in the others and in the system part.
-    SELECT r.value_set_id, m.system, m.code, m.display, m.version, m.inactive,
-           m.abstract
+    -- first that are also in the others and in the system part, with the smallest
+    -- display any of them gives.
+    SELECT r.value_set_id, m.system, m.code, """ + _SMALLEST_DISPLAY + """, m.version,
+           m.inactive, m.abstract
     FROM {p}compose_rule r
     JOIN target t ON t.value_set_id = r.value_set_id
     JOIN {p}compose_import i ON i.rule_id = r.id AND i.position = 0
@@ -258,9 +296,10 @@ member(value_set_id, system, code, display, version, inactive, abstract) AS (
     + _NOT_EXCLUDED
     + """
     UNION
-    -- An include of exactly one value set of this statement: its members, again.
-    SELECT r.value_set_id, m.system, m.code, m.display, m.version, m.inactive,
-           m.abstract
+    -- An include of exactly one value set of this statement: its members, again, with
+    -- the system part's display where that is smaller.
+    SELECT r.value_set_id, m.system, m.code, """ + _SMALLER_RULE_DISPLAY + """,
+           m.version, m.inactive, m.abstract
     FROM member m
     JOIN {p}compose_import i ON i.value_set_id = m.value_set_id
     JOIN {p}compose_rule r ON r.id = i.rule_id
@@ -328,23 +367,18 @@ ORDER BY system, code
 """
 )
 
-#: Resolve each rule's system|version to a loaded code system (newest when unversioned).
-RESOLVE_CODE_SYSTEMS = """
-UPDATE {p}compose_rule SET code_system_id = (
-    SELECT cs.id FROM {p}code_system cs
-    WHERE cs.url = {p}compose_rule.system
-      AND ({p}compose_rule.version IS NULL OR {p}compose_rule.version = '*'
-           OR cs.version = {p}compose_rule.version)
-    ORDER BY (cs.version IS NULL), cs.version DESC
-    LIMIT 1)
-"""
-
-#: Resolve each import's url|version to a loaded value set (newest when unversioned).
-RESOLVE_IMPORTS = """
-UPDATE {p}compose_import SET value_set_id = (
-    SELECT vs.id FROM {p}value_set vs
-    WHERE vs.url = {p}compose_import.url
-      AND ({p}compose_import.version IS NULL OR vs.version = {p}compose_import.version)
-    ORDER BY (vs.version IS NULL), vs.version DESC
-    LIMIT 1)
+#: Ids of value set ``:value_set_id`` and of every value set it imports, directly or
+#: through others (includes and excludes). UNION stops at value sets already reached,
+#: so a diamond is walked once and a cycle (refused before expansion) ends.
+CLOSURE = """
+WITH RECURSIVE closure(value_set_id) AS (
+    SELECT CAST(:value_set_id AS INTEGER)
+    UNION
+    SELECT i.value_set_id
+    FROM closure c
+    JOIN {p}compose_rule r ON r.value_set_id = c.value_set_id
+    JOIN {p}compose_import i ON i.rule_id = r.id
+    WHERE i.value_set_id IS NOT NULL
+)
+SELECT value_set_id FROM closure
 """

@@ -17,6 +17,13 @@ from typing import Any
 from thodb.canonical import split_canonical
 from thodb.errors import LoadError
 
+#: FHIR's largest string, in characters (R5 datatypes.html#string).
+MAX_STRING = 1024 * 1024
+
+#: The largest url, version, code or property value thodb stores, in UTF-8 bytes: a
+#: PostgreSQL index entry holds at most 8191 bytes (THO's longest value is 4.6 kB).
+MAX_KEY_BYTES = 8000
+
 #: The base of canonical urls given to resources that carry none (THO's own base).
 DEFAULT_CANONICAL_BASE = "http://terminology.hl7.org"
 
@@ -40,8 +47,22 @@ FILTER_OPERATORS = frozenset(
 # Concept properties with a meaning FHIR defines (R5 codesystem-concept-properties),
 # known by their code or by the uri a code system declares for them.
 _CONCEPT_PROPERTIES_URI = "http://hl7.org/fhir/concept-properties#"
+# The concept properties of that code system that change how thodb reads a concept. A
+# uri naming any other one (``#notSelectableX``) gives no meaning, so the property's
+# code decides (HL7 tx: notSelectable-unprop-true).
+_MEANINGFUL = frozenset(
+    {"parent", "child", "subsumedBy", "inactive", "status", "notSelectable", "abstract"}
+)
 _HIERARCHY_UP = frozenset({"parent", "subsumedBy"})
 _INACTIVE_STATUSES = frozenset({"retired", "inactive"})
+
+# Concept extensions read as properties (see _extension_properties).
+_EXTENSION_PROPERTIES = {
+    "http://hl7.org/fhir/StructureDefinition/codesystem-conceptOrder": "order",
+    "http://hl7.org/fhir/StructureDefinition/codesystem-label": "label",
+    "http://hl7.org/fhir/StructureDefinition/itemWeight": "weight",
+    "http://hl7.org/fhir/StructureDefinition/structuredefinition-standards-status": "status",
+}
 
 _PROPERTY_VALUE_TYPES = {
     "valueCode": "code",
@@ -147,7 +168,9 @@ def content_hash(resource: dict[str, Any]) -> str:
     text = json.dumps(
         resource, sort_keys=True, separators=(",", ":"), ensure_ascii=False
     )
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    # surrogatepass: a lone surrogate is reported, with its element path, by the
+    # checks that follow, not here.
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class _Reader:
@@ -166,6 +189,39 @@ class _Reader:
             return None
         if not isinstance(value, str):
             raise self.error(_join(path, key), f"must be a string, not {_kind(value)}")
+        return self.text(value, _join(path, key))
+
+    def text(self, value: str, path: str) -> str:
+        """``value``, checked to be text a database column can hold."""
+        if len(value) > MAX_STRING:
+            raise self.error(
+                path,
+                f"is longer than {MAX_STRING:,} characters, FHIR's limit for a string",
+            )
+        if "\x00" in value:
+            raise self.error(
+                path,
+                "contains a NUL character (U+0000), which FHIR strings may not hold",
+            )
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise self.error(
+                path, "contains a lone surrogate: the text is not valid Unicode"
+            ) from None
+        return value
+
+    def key(self, value: str | None, path: str) -> str | None:
+        """``value``, checked to fit the database indexes that look it up."""
+        if (
+            value is not None
+            and len(value.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES
+        ):
+            raise self.error(
+                path,
+                f"is longer than {MAX_KEY_BYTES:,} bytes, more than thodb can index for "
+                "look-ups (urls, versions, codes and property values)",
+            )
         return value
 
     def required(self, obj: dict[str, Any], key: str, path: str) -> str:
@@ -242,7 +298,7 @@ def parse_resource(
 
 
 def _url(reader: _Reader, resource: dict[str, Any], base: str) -> str:
-    url = reader.string(resource, "url", "")
+    url = reader.key(reader.string(resource, "url", ""), "url")
     if url:
         return url
     rid = reader.string(resource, "id", "")
@@ -256,7 +312,7 @@ def _code_system(
 ) -> CodeSystemRecord:
     record = CodeSystemRecord(
         url=_url(reader, resource, base),
-        version=reader.string(resource, "version", ""),
+        version=reader.key(reader.string(resource, "version", ""), "version"),
         source=reader.source,
         content_hash=content_hash(resource),
         name=reader.string(resource, "name", ""),
@@ -283,7 +339,9 @@ def _code_system(
             )
         )
         if uri and uri.startswith(_CONCEPT_PROPERTIES_URI):
-            meaning[code] = uri[len(_CONCEPT_PROPERTIES_URI) :]
+            known = uri[len(_CONCEPT_PROPERTIES_URI) :]
+            if known in _MEANINGFUL:
+                meaning[code] = known
 
     seen: dict[str, str] = {}
     children: list[tuple[str, str, str]] = []
@@ -304,7 +362,7 @@ def _concepts(
 ) -> None:
     for i, obj in enumerate(reader.objects(parent_obj, "concept", parent_path)):
         path = f"{_join(parent_path, 'concept')}[{i}]"
-        code = reader.required(obj, "code", path)
+        code = str(reader.key(reader.required(obj, "code", path), f"{path}.code"))
         if code in seen:
             raise reader.error(
                 f"{path}.code", f"duplicate code {code!r} (first at {seen[code]})"
@@ -332,6 +390,7 @@ def _concepts(
         for j, prop in enumerate(reader.objects(obj, "property", path)):
             ppath = f"{path}.property[{j}]"
             _property(reader, prop, ppath, concept, meaning, children)
+        _extension_properties(reader, obj, path, concept)
         record.concepts.append(concept)
         _concepts(reader, obj, path, code, record, meaning, seen, children)
 
@@ -358,7 +417,9 @@ def _property(
         value: str | None = reader.string(raw, "code", f"{path}.valueCoding")
     elif isinstance(raw, bool):
         value = "true" if raw else "false"
-    elif isinstance(raw, (int, float, str)):
+    elif isinstance(raw, str):
+        value = reader.key(reader.text(raw, f"{path}.{key}"), f"{path}.{key}")
+    elif isinstance(raw, (int, float)):
         value = str(raw)
     else:
         raise reader.error(f"{path}.{key}", f"must be a primitive, not {_kind(raw)}")
@@ -378,6 +439,38 @@ def _property(
         concept.inactive = concept.inactive or value in _INACTIVE_STATUSES
     elif role in ("notSelectable", "abstract") and value == "true":
         concept.abstract = True
+
+
+def _extension_properties(
+    reader: _Reader, obj: dict[str, Any], path: str, concept: ConceptRecord
+) -> None:
+    """Read the concept extensions that FHIR terminology services show as properties.
+
+    ``codesystem-conceptOrder`` is the ``order`` property, ``codesystem-label`` the
+    ``label``, ``itemWeight`` the ``weight``, and ``structuredefinition-standards-status``
+    the ``status`` (R5 extensions registry; HL7 tx: parameters-expand-supplement-none).
+    A property of the same code given in ``concept.property`` wins.
+    """
+    given = {p.code for p in concept.properties}
+    for j, extension in enumerate(reader.objects(obj, "extension", path)):
+        code = _EXTENSION_PROPERTIES.get(str(extension.get("url", "")))
+        if code is None or code in given:
+            continue
+        epath = f"{path}.extension[{j}]"
+        found = [key for key in _PROPERTY_VALUE_TYPES if key in extension]
+        if len(found) != 1 or isinstance(extension[found[0]], (dict, list)):
+            raise reader.error(epath, "must have exactly one primitive value[x]")
+        raw = extension[found[0]]
+        kind = (
+            "decimal"
+            if code in ("order", "weight")
+            else _PROPERTY_VALUE_TYPES[found[0]]
+        )
+        value = ("true" if raw else "false") if isinstance(raw, bool) else str(raw)
+        concept.properties.append(PropertyRecord(code, kind, value))
+        if code == "status":
+            concept.status = concept.status or value
+            concept.inactive = concept.inactive or value in _INACTIVE_STATUSES
 
 
 def _check_hierarchy(
@@ -443,7 +536,7 @@ def _value_set(reader: _Reader, resource: dict[str, Any], base: str) -> ValueSet
         raise reader.error("compose", "must be an object")
     record = ValueSetRecord(
         url=_url(reader, resource, base),
-        version=reader.string(resource, "version", ""),
+        version=reader.key(reader.string(resource, "version", ""), "version"),
         source=reader.source,
         content_hash=content_hash(resource),
         has_compose=compose is not None,
@@ -467,8 +560,8 @@ def _rule(
     rule = RuleRecord(
         kind=kind,
         position=position,
-        system=reader.string(obj, "system", path),
-        version=reader.string(obj, "version", path),
+        system=reader.key(reader.string(obj, "system", path), f"{path}.system"),
+        version=reader.key(reader.string(obj, "version", path), f"{path}.version"),
     )
     for reference in reader.strings(obj, "valueSet", path):
         url, version = split_canonical(reference.strip())
@@ -477,7 +570,9 @@ def _rule(
         cpath = f"{path}.concept[{j}]"
         rule.concepts.append(
             (
-                reader.required(concept, "code", cpath),
+                str(
+                    reader.key(reader.required(concept, "code", cpath), f"{cpath}.code")
+                ),
                 reader.string(concept, "display", cpath),
             )
         )

@@ -1,0 +1,352 @@
+"""Concept details read in bulk: designations, properties and hierarchy edges.
+
+``$expand``, ``$validate-code`` and ``$lookup`` all show more of a concept than the
+membership rows hold. :func:`details` reads it for many concepts at once (one query per
+kind of detail, in chunks), never one query per concept. Supplements
+(``CodeSystem.content = supplement``) add designations and properties to the concepts
+of the code system they supplement when a request names them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, aliased
+
+from thodb import versions
+from thodb.canonical import split_canonical
+from thodb.languages import Designation
+from thodb.models import (
+    CodeSystem,
+    Concept,
+    ConceptDesignation,
+    ConceptParent,
+    ConceptProperty,
+)
+
+#: Rows per ``IN (...)`` list: below SQLite's default bound-parameter limit.
+CHUNK = 500
+
+T = TypeVar("T")
+
+
+def storable(*texts: str | None) -> bool:
+    """Can every text be stored in (so looked up in) a text column?
+
+    A NUL character (PostgreSQL text cannot hold one) or a lone surrogate (not
+    encodable as UTF-8) can only come from a request, never from loaded content, so
+    such a name is simply not found.
+    """
+    for text in texts:
+        if text is None:
+            continue
+        if "\x00" in text:
+            return False
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+    return True
+
+
+def chunks(items: Sequence[T], size: int = CHUNK) -> Iterator[Sequence[T]]:
+    """``items`` in slices of at most ``size``."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@dataclass(frozen=True)
+class Property:
+    """A property value of a concept (``concept.property``).
+
+    :param code: the property code.
+    :param type: the FHIR type of the value: ``code``, ``Coding``, ``string``,
+        ``integer``, ``boolean``, ``dateTime`` or ``decimal``.
+    :param value: the value as text (see :class:`thodb.models.ConceptProperty`).
+    :param system: the system of a ``Coding`` value.
+    """
+
+    code: str
+    type: str
+    value: str | None
+    system: str | None = None
+
+
+@dataclass
+class ConceptDetails:
+    """What :func:`details` found for one concept."""
+
+    id: int
+    code: str
+    display: str | None
+    definition: str | None
+    status: str | None
+    inactive: bool
+    abstract: bool
+    designations: list[Designation] = field(default_factory=list)
+    properties: list[Property] = field(default_factory=list)
+    #: Codes of the concept's parents and children in the code system.
+    parents: list[str] = field(default_factory=list)
+    children: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CodeSystemInfo:
+    """The facts of a loaded code system that the operations report."""
+
+    id: int
+    url: str
+    version: str | None
+    name: str | None
+    title: str | None
+    status: str | None
+    content: str | None
+    case_sensitive: bool | None
+    supplements: str | None
+    value_set: str | None
+
+    @property
+    def canonical(self) -> str:
+        """``url|version``."""
+        return f"{self.url}|{self.version}" if self.version else self.url
+
+
+def _info(row: CodeSystem) -> CodeSystemInfo:
+    return CodeSystemInfo(
+        id=row.id,
+        url=row.url,
+        version=row.version,
+        name=row.name,
+        title=row.title,
+        status=row.status,
+        content=row.content,
+        case_sensitive=row.case_sensitive,
+        supplements=row.supplements,
+        value_set=row.value_set,
+    )
+
+
+def code_system_versions(session: Session, url: str) -> list[CodeSystemInfo]:
+    """Every loaded version of the code system ``url`` (supplements excluded), oldest first."""
+    if not storable(url):
+        return []
+    rows = session.scalars(
+        sa.select(CodeSystem).where(
+            CodeSystem.url == url,
+            sa.func.coalesce(CodeSystem.content, "") != "supplement",
+        )
+    ).all()
+    return sorted(
+        (_info(row) for row in rows), key=lambda cs: versions.sort_key(cs.version)
+    )
+
+
+def find_code_system(
+    session: Session, url: str, version: str | None = None
+) -> CodeSystemInfo | None:
+    """The loaded code system ``url`` at ``version`` (a version or pattern; the newest
+    when ``None``), or ``None`` when no loaded version matches."""
+    found = code_system_versions(session, url)
+    ok, picked = versions.resolve(version, [cs.version for cs in found])
+    if not ok:
+        return None
+    return next(cs for cs in found if cs.version == picked)
+
+
+def find_supplement(session: Session, reference: str) -> CodeSystemInfo | None:
+    """The loaded supplement that ``reference`` (``url`` or ``url|version``) names."""
+    url, version = split_canonical(reference)
+    if not storable(url):
+        return None
+    rows = [
+        _info(row)
+        for row in session.scalars(
+            sa.select(CodeSystem).where(
+                CodeSystem.url == url, CodeSystem.content == "supplement"
+            )
+        )
+    ]
+    ok, picked = versions.resolve(version, [cs.version for cs in rows])
+    return next((cs for cs in rows if cs.version == picked), None) if ok else None
+
+
+def supplements_of(
+    session: Session, supplements: Iterable[CodeSystemInfo], code_system: CodeSystemInfo
+) -> list[int]:
+    """Ids of the given supplements that apply to ``code_system``."""
+    ids = []
+    for supplement in supplements:
+        url, version = split_canonical(supplement.supplements or "")
+        if url == code_system.url and (
+            version is None or versions.matches(version, code_system.version)
+        ):
+            ids.append(supplement.id)
+    return ids
+
+
+def details(
+    session: Session,
+    code_system_id: int,
+    codes: Iterable[str],
+    *,
+    supplements: Sequence[int] = (),
+    designations: bool = True,
+    properties: bool = True,
+    hierarchy: bool = True,
+) -> dict[str, ConceptDetails]:
+    """The concepts of one code system with these codes, by code (exact match).
+
+    :param supplements: ids of supplement code systems whose designations and
+        properties are added.
+    :param designations: read designations.
+    :param properties: read property values.
+    :param hierarchy: read parent and child codes.
+    """
+    wanted = sorted(code for code in set(codes) if storable(code))
+    found: dict[str, ConceptDetails] = {}
+    for part in chunks(wanted):
+        for row in session.scalars(
+            sa.select(Concept).where(
+                Concept.code_system_id == code_system_id, Concept.code.in_(part)
+            )
+        ):
+            found[row.code] = ConceptDetails(
+                id=row.id,
+                code=row.code,
+                display=row.display,
+                definition=row.definition,
+                status=row.status,
+                inactive=bool(row.inactive),
+                abstract=bool(row.abstract),
+            )
+    if not found:
+        return found
+    by_id = {concept.id: concept for concept in found.values()}
+    ids = sorted(by_id)
+    if designations:
+        for concept_id, designation in _designations(session, ids):
+            by_id[concept_id].designations.append(designation)
+    if properties:
+        for concept_id, prop in _properties(session, ids):
+            by_id[concept_id].properties.append(prop)
+    if hierarchy:
+        _hierarchy(session, ids, by_id)
+    if supplements and (designations or properties):
+        _supplement(session, supplements, found, designations, properties)
+    return found
+
+
+def _designations(
+    session: Session, ids: Sequence[int]
+) -> Iterator[tuple[int, Designation]]:
+    for part in chunks(ids):
+        for row in session.execute(
+            sa.select(
+                ConceptDesignation.concept_id,
+                ConceptDesignation.value,
+                ConceptDesignation.language,
+                ConceptDesignation.use_system,
+                ConceptDesignation.use_code,
+            )
+            .where(ConceptDesignation.concept_id.in_(part))
+            .order_by(ConceptDesignation.id)
+        ):
+            yield (
+                row.concept_id,
+                Designation(row.value, row.language, row.use_system, row.use_code),
+            )
+
+
+def _properties(session: Session, ids: Sequence[int]) -> Iterator[tuple[int, Property]]:
+    for part in chunks(ids):
+        for row in session.execute(
+            sa.select(
+                ConceptProperty.concept_id,
+                ConceptProperty.code,
+                ConceptProperty.type,
+                ConceptProperty.value,
+                ConceptProperty.value_system,
+            )
+            .where(ConceptProperty.concept_id.in_(part))
+            .order_by(ConceptProperty.id)
+        ):
+            yield (
+                row.concept_id,
+                Property(row.code, row.type, row.value, row.value_system),
+            )
+
+
+def _hierarchy(
+    session: Session, ids: Sequence[int], by_id: dict[int, ConceptDetails]
+) -> None:
+    other = aliased(Concept)
+    for part in chunks(ids):
+        for concept_id, code in session.execute(
+            sa.select(ConceptParent.concept_id, other.code)
+            .join(other, other.id == ConceptParent.parent_id)
+            .where(ConceptParent.concept_id.in_(part))
+            .order_by(other.id)
+        ):
+            by_id[concept_id].parents.append(code)
+        for parent_id, code in session.execute(
+            sa.select(ConceptParent.parent_id, other.code)
+            .join(other, other.id == ConceptParent.concept_id)
+            .where(ConceptParent.parent_id.in_(part))
+            .order_by(other.id)
+        ):
+            by_id[parent_id].children.append(code)
+
+
+def _supplement(
+    session: Session,
+    supplements: Sequence[int],
+    found: dict[str, ConceptDetails],
+    designations: bool,
+    properties: bool,
+) -> None:
+    extra: dict[str, list[int]] = defaultdict(list)
+    for part in chunks(sorted(found)):
+        for row in session.execute(
+            sa.select(Concept.id, Concept.code).where(
+                Concept.code_system_id.in_(supplements), Concept.code.in_(part)
+            )
+        ):
+            extra[row.code].append(row.id)
+    owner = {concept_id: code for code, ids in extra.items() for concept_id in ids}
+    ids = sorted(owner)
+    if designations:
+        for concept_id, designation in _designations(session, ids):
+            found[owner[concept_id]].designations.append(designation)
+    if properties:
+        for concept_id, prop in _properties(session, ids):
+            found[owner[concept_id]].properties.append(prop)
+
+
+def locate(
+    session: Session, code_system: CodeSystemInfo, code: str
+) -> tuple[str, ConceptDetails] | None:
+    """Find ``code`` in a code system, ignoring case where the system is not case-sensitive.
+
+    :return: the code as the code system writes it and its details, or ``None``.
+    """
+    exact = details(session, code_system.id, [code])
+    if code in exact:
+        return code, exact[code]
+    if code_system.case_sensitive is not False or not storable(code):
+        return None
+    match = session.scalars(
+        sa.select(Concept.code)
+        .where(
+            Concept.code_system_id == code_system.id,
+            sa.func.lower(Concept.code) == code.lower(),
+        )
+        .order_by(Concept.id)
+        .limit(1)
+    ).first()
+    if match is None:
+        return None
+    return match, details(session, code_system.id, [match])[match]
