@@ -23,7 +23,9 @@ from sqlalchemy.engine import Engine
 from thodb.cli import main
 from thodb.db import schema_prefix, session_scope
 from thodb.expand import expand
+from thodb.errors import NotFoundError
 from thodb.load import LoadSummary, load
+from thodb.subsumes import subsumes
 
 THO = SHARED / "data" / "tho"
 FHIR = "{http://hl7.org/fhir}"
@@ -255,3 +257,39 @@ def test_is_a_value_sets_on_act_code_follow_subsumed_by(
             expected = {(system, code) for code in _is_a(children, anchor) - excluded}
             actual = {(m.system, m.code) for m in expand(session, url).contains}
             assert actual == expected, url
+
+
+def test_subsumes_follows_the_act_code_hierarchy(
+    tho: tuple[Engine, LoadSummary],
+) -> None:
+    engine, _ = tho
+    system, children = _hierarchy(THO / "v3" / "codeSystems" / "v3-ActCode.xml")
+    anchor = "_ActAccountCode"
+    below = sorted(_is_a(children, anchor) - {anchor})
+    unrelated = sorted(set(children) - _is_a(children, anchor))[:5]
+    assert below and unrelated
+    with session_scope(engine) as session:
+        if engine.dialect.name == "postgresql":
+            # $subsumes only reads: it runs on a read-only transaction (a hot standby).
+            session.execute(sa.text("SET TRANSACTION READ ONLY"))
+        for code in below:
+            assert (
+                subsumes(session, system=system, code_a=anchor, code_b=code)
+                == "subsumes"
+            )
+            assert (
+                subsumes(session, system=system, code_a=code, code_b=anchor)
+                == "subsumed-by"
+            )
+        for code in unrelated:
+            if anchor not in _is_a(children, code):
+                assert (
+                    subsumes(session, system=system, code_a=anchor, code_b=code)
+                    == "not-subsumed"
+                )
+        assert (
+            subsumes(session, system=system, code_a=anchor, code_b=anchor)
+            == "equivalent"
+        )
+        with pytest.raises(NotFoundError):
+            subsumes(session, system=system, code_a=anchor, code_b="no-such-code")

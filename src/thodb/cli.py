@@ -35,6 +35,7 @@ from thodb.fhir.resources import DEFAULT_CANONICAL_BASE
 from thodb.load import LoadSummary
 from thodb.load import load as load_paths
 from thodb.seed import seeds_path
+from thodb.subsumes import subsumes
 
 EXIT_ERROR = 2
 
@@ -578,6 +579,31 @@ def lookup(system: str, code: str, fmt: str) -> None:
         part.append({"name": "value", "valueString": value})
         parameters.append({"name": "designation", "part": part})
     _print_json({"resourceType": "Parameters", "parameter": parameters})
+
+
+@main.command("subsumes")
+@click.option(
+    "--system", required=True, help="The code system url (url|version allowed)."
+)
+@click.argument("code_a")
+@click.argument("code_b")
+def subsumes_command(system: str, code_a: str, code_b: str) -> None:
+    """Print how CODE_A relates to CODE_B in the code system's hierarchy.
+
+    One of equivalent, subsumes (CODE_A is an ancestor of CODE_B), subsumed-by or
+    not-subsumed, as FHIR's $subsumes answers.
+
+    \b
+    Example:
+      thodb subsumes --system http://terminology.hl7.org/CodeSystem/v3-ActCode \\
+          _ActAccountCode CASH
+    """
+    url, version = split_canonical(system)
+    with _session() as session:
+        outcome = subsumes(
+            session, system=url, code_a=code_a, code_b=code_b, version=version
+        )
+    click.echo(outcome)
 
 
 @main.command()
