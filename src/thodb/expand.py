@@ -51,6 +51,7 @@ from thodb.languages import (
     select_designations,
 )
 from thodb.models import (
+    SCHEMA,
     CodeSystem,
     ComposeImport,
     ComposeRule,
@@ -552,6 +553,7 @@ def _resolve(session: Session, rules: VersionRules) -> None:
             updates.append({"id": rule.id, "code_system_id": target})
     if updates:
         session.execute(sa.update(ComposeRule), updates)
+        _analyze_after(session, "compose_rule", len(updates))
 
     value_sets: dict[str, list[tuple[int, str | None]]] = defaultdict(list)
     for vs in session.execute(sa.select(ValueSet.id, ValueSet.url, ValueSet.version)):
@@ -570,6 +572,23 @@ def _resolve(session: Session, rules: VersionRules) -> None:
             updates.append({"id": imp.id, "value_set_id": target})
     if updates:
         session.execute(sa.update(ComposeImport), updates)
+        _analyze_after(session, "compose_import", len(updates))
+
+
+#: Changed rows after which the planner's statistics of a table are renewed.
+_ANALYZE_THRESHOLD = 100
+
+
+def _analyze_after(session: Session, table: str, changed: int) -> None:
+    # The loader analyzes what it wrote before the import and code-system ids are
+    # filled in here; with those statistics PostgreSQL takes every id for NULL and
+    # plans the import closure as a nested loop over all imports. A request-scoped
+    # refresh changes a few rows and needs none of this.
+    if (
+        changed >= _ANALYZE_THRESHOLD
+        and session.get_bind().dialect.name == "postgresql"
+    ):
+        session.execute(sa.text(f"ANALYZE {SCHEMA}.{table}"))
 
 
 def refresh(session: Session, *, rules: VersionRules | None = None) -> RefreshSummary:

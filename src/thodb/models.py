@@ -244,6 +244,10 @@ class ComposeRule(Base):
     )
 
 
+# Excludes are looked up per member row by (value set, kind) during expansion.
+Index("ix_compose_rule_value_set_id_kind", ComposeRule.value_set_id, ComposeRule.kind)
+
+
 class ComposeConcept(Base):
     """An enumerated code of a rule (``include.concept``), with the display it gives."""
 
