@@ -1,0 +1,112 @@
+"""Workloads 2 and 3: warm ``$expand`` of image-reference-type and one ``$validate-code``.
+
+Both run on the content database, in one long-lived session (a service keeps its
+connection). Each sample is one call, after warm-up calls. The floors run on the same
+connection through the DB-API cursor, with the value set's id already known: the rows
+of the membership table, and the primary-key lookup of one membership row.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from sqlalchemy.orm import Session
+
+from benchmarks import content
+from benchmarks.harness import Context, Figure, Target, driver_sql, measure
+from thodb.expand import expand, find_value_set
+from thodb.query import validate_code
+from thodb.seed import IMAGE_REFERENCE_TYPE
+
+NAME = "expand-validate"
+
+#: Seconds each measurement may take at most (then it has fewer samples): full run,
+#: ``--quick``.
+BUDGET_S = (20.0, 1.0)
+EXPAND = "expand"
+VALIDATE = "validate-code"
+
+_MEMBER_ROWS = (
+    "SELECT system, code, display, version, inactive, abstract "
+    "FROM {p}value_set_member WHERE value_set_id = ? ORDER BY system, code"
+)
+_MEMBER_ROW = (
+    "SELECT display, inactive FROM {p}value_set_member "
+    "WHERE value_set_id = ? AND system = ? AND code = ?"
+)
+
+
+def run(ctx: Context, engine: str) -> None:
+    """Measure expand (materialised and live) and validate-code on ``engine``."""
+    db = ctx.databases.engine(content.ensure(ctx, engine))
+    warmup = ctx.pick(2, 50)
+    budget = ctx.pick(BUDGET_S[1], BUDGET_S[0])
+    calls = ctx.pick(10, 300)
+    with Session(db) as session:
+        value_set = find_value_set(session, IMAGE_REFERENCE_TYPE)
+        vs_id = value_set.id
+        total = expand(session, IMAGE_REFERENCE_TYPE).total
+        cursor = session.connection().connection.cursor()
+
+        def floor_rows() -> None:
+            cursor.execute(driver_sql(db, _MEMBER_ROWS), (vs_id,))
+            cursor.fetchall()
+
+        floor = measure(floor_rows, warmup=warmup, runs=calls)
+        for live in (False, True):
+            timing = measure(
+                functools.partial(expand, session, IMAGE_REFERENCE_TYPE, live=live),
+                warmup=warmup,
+                runs=calls,
+                budget_s=budget,
+            )
+            target = (
+                Target("≤ 1.5× floor and p50 ≤ 5 ms", 1.5, 0.005)
+                if live
+                else Target("p50 ≤ 5 ms", max_median=0.005)
+            )
+            ctx.results.add(
+                Figure(
+                    EXPAND,
+                    engine,
+                    f"image-reference-type ({total} codes), "
+                    + ("live recursive SQL" if live else "from value_set_member"),
+                    timing,
+                    floor="SELECT of its value_set_member rows",
+                    floor_timing=floor,
+                    target=target,
+                    extra={"codes": total},
+                )
+            )
+
+        members = expand(session, IMAGE_REFERENCE_TYPE).contains
+        member = members[len(members) // 2]
+        calls = ctx.pick(20, 2000)
+
+        def floor_lookup() -> None:
+            cursor.execute(
+                driver_sql(db, _MEMBER_ROW), (vs_id, member.system, member.code)
+            )
+            cursor.fetchall()
+
+        floor = measure(floor_lookup, warmup=warmup, runs=calls)
+        timing = measure(
+            lambda: validate_code(
+                session, IMAGE_REFERENCE_TYPE, system=member.system, code=member.code
+            ),
+            warmup=warmup,
+            runs=calls,
+            budget_s=budget,
+        )
+        ctx.results.add(
+            Figure(
+                VALIDATE,
+                engine,
+                f"image-reference-type, {member.code}",
+                timing,
+                floor="primary-key lookup of one value_set_member row",
+                floor_timing=floor,
+                target=Target("≤ 2× floor", max_ratio=2.0),
+            )
+        )
+        session.rollback()
