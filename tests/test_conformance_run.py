@@ -21,7 +21,7 @@ from thodb.conformance.suite import read_suites, run_suites
 TX = SHARED / "tx-tests"
 
 #: Tests passing the semantic comparison (of 478 that run; 3 need mode tx.fhir.org).
-#: Most of the others need data the schema does not store yet (issue 3: code system
+#: Most of the others need data the schema does not store yet (code system
 #: language, compose.inactive, value set extensions).
 SEMANTIC_FLOOR = 434
 
