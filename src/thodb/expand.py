@@ -51,7 +51,6 @@ from thodb.languages import (
     select_designations,
 )
 from thodb.models import (
-    SCHEMA,
     CodeSystem,
     ComposeImport,
     ComposeRule,
@@ -578,6 +577,12 @@ def _resolve(session: Session, rules: VersionRules) -> None:
 #: Changed rows after which the planner's statistics of a table are renewed.
 _ANALYZE_THRESHOLD = 100
 
+#: The statements that renew them, by table (PostgreSQL only).
+_ANALYZE = {
+    "compose_rule": "ANALYZE tho.compose_rule",
+    "compose_import": "ANALYZE tho.compose_import",
+}
+
 
 def _analyze_after(session: Session, table: str, changed: int) -> None:
     # The loader analyzes what it wrote before the import and code-system ids are
@@ -588,7 +593,7 @@ def _analyze_after(session: Session, table: str, changed: int) -> None:
         changed >= _ANALYZE_THRESHOLD
         and session.get_bind().dialect.name == "postgresql"
     ):
-        session.execute(sa.text(f"ANALYZE {SCHEMA}.{table}"))
+        session.execute(sa.text(_ANALYZE[table]))
 
 
 def refresh(session: Session, *, rules: VersionRules | None = None) -> RefreshSummary:
