@@ -15,9 +15,9 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner
-from reference import Terminology
 from sqlalchemy.engine import Engine
 
+from reference import Terminology
 from thodb.cli import main
 from thodb.seed import IMAGE_REFERENCE_TYPE, seeds_path
 

@@ -10,9 +10,9 @@ from functools import cache
 
 import pytest
 import sqlalchemy as sa
-from reference import ReferenceExpansionError, Terminology
 from sqlalchemy.engine import Engine
 
+from reference import ReferenceExpansionError, Terminology
 from thodb.db import schema_prefix, session_scope
 from thodb.errors import NotExpandableError
 from thodb.expand import expand

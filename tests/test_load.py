@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import table_checksums
-from reference import ReferenceExpansionError, Terminology
 from sqlalchemy.engine import Engine
 
+from conftest import table_checksums
+from reference import ReferenceExpansionError, Terminology
 from thodb.db import schema_prefix, session_scope
 from thodb.errors import LoadError, NotExpandableError
 from thodb.expand import expand
@@ -352,8 +352,10 @@ BAD_INPUT = {
     ),
     "XML with an entity": (
         "x.xml",
-        '<?xml version="1.0"?><!DOCTYPE v [<!ENTITY e SYSTEM "file:///etc/passwd">]>'
-        '<ValueSet xmlns="http://hl7.org/fhir"><id value="&e;"/></ValueSet>',
+        (
+            '<?xml version="1.0"?><!DOCTYPE v [<!ENTITY e SYSTEM "file:///etc/passwd">]>'
+            '<ValueSet xmlns="http://hl7.org/fhir"><id value="&e;"/></ValueSet>'
+        ),
         "",
         "DTD",
     ),
@@ -422,7 +424,8 @@ def test_two_files_with_one_url_and_different_content_in_one_load(
 ) -> None:
     one = _value_set("dup", {"system": CS})
     two = _value_set("dup", {"system": CS, "concept": [{"code": "circle"}]})
-    with pytest.raises(LoadError, match=r"r2.json: url: .* is also in .*r1.json with different content"):
+    duplicate = r"r2.json: url: .* is also in .*r1.json with different content"
+    with pytest.raises(LoadError, match=duplicate):
         load(fresh_engine, [_write(tmp_path, _code_system(), one, two)])
 
 

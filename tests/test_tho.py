@@ -17,13 +17,13 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
-from conftest import SHARED, Databases
 from sqlalchemy.engine import Engine
 
+from conftest import SHARED, Databases
 from thodb.cli import main
 from thodb.db import schema_prefix, session_scope
-from thodb.expand import expand
 from thodb.errors import NotFoundError
+from thodb.expand import expand
 from thodb.load import LoadSummary, load
 from thodb.subsumes import subsumes
 

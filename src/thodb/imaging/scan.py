@@ -241,11 +241,8 @@ def _text(dataset: Dataset, keyword: str) -> str | None:
     value = dataset.get(keyword)
     if value is None:
         return None
-    if isinstance(value, MultiValue):
-        text = "\\".join(str(part) for part in value)
-    else:
-        text = str(value)
-    return text or None
+    parts = value if isinstance(value, MultiValue) else [value]
+    return "\\".join(str(part) for part in parts) or None
 
 
 def _uid_with_meta_fallback(
