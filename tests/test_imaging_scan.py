@@ -15,11 +15,12 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.sr.coding import Code
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, generate_uid
 
+from dicom_objects import code_item, ct_slice
 from thodb.errors import LoadError
 from thodb.imaging.scan import CodedItem, ScanResult, iter_coded_items, scan
 from thodb.imaging.schemes import SCHEMES, scheme_for, system_for
@@ -71,74 +72,28 @@ Key = tuple[str, str, str | None, str, str | None]
 """(SOP Instance UID, attribute path, designator, code value, system) of one item."""
 
 
-def _code_item(code: Code | hd.sr.CodedConcept) -> Dataset:
-    """Return a code sequence item holding ``code``."""
-    item = Dataset()
-    item.CodeValue = code.value
-    item.CodingSchemeDesignator = code.scheme_designator
-    item.CodeMeaning = code.meaning
-    return item
-
-
 def _ct_series(count: int = 3, size: int = 8) -> list[Dataset]:
     """Build a small axial CT series with one anatomic region per slice."""
     study, series, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
     slices = []
     for index in range(count):
-        sop_instance_uid = generate_uid()
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = sop_instance_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-
-        ct = Dataset()
-        ct.file_meta = meta
-        ct.SOPClassUID = CTImageStorage
-        ct.SOPInstanceUID = sop_instance_uid
-        ct.StudyInstanceUID = study
-        ct.SeriesInstanceUID = series
-        ct.FrameOfReferenceUID = frame_of_reference
-        ct.PatientName = "Test^Patient"
-        ct.PatientID = "P1"
-        ct.PatientBirthDate = ""
-        ct.PatientSex = "O"
-        ct.StudyDate = "20260101"
-        ct.StudyTime = "120000"
-        ct.AccessionNumber = "A1"
-        ct.ReferringPhysicianName = ""
-        ct.StudyID = "1"
-        ct.Modality = "CT"
-        ct.SeriesNumber = 1
-        ct.InstanceNumber = index + 1
-        ct.Manufacturer = "thodb tests"
-        ct.PositionReferenceIndicator = ""
-        ct.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ct.ImagePositionPatient = [0.0, 0.0, float(index)]
-        ct.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-        ct.PixelSpacing = [1.0, 1.0]
-        ct.SliceThickness = 1.0
-        ct.KVP = 120
-        ct.AcquisitionNumber = 1
-        ct.SamplesPerPixel = 1
-        ct.PhotometricInterpretation = "MONOCHROME2"
-        ct.Rows = size
-        ct.Columns = size
-        ct.BitsAllocated = 16
-        ct.BitsStored = 16
-        ct.HighBit = 15
-        ct.PixelRepresentation = 1
-        ct.RescaleIntercept = 0
-        ct.RescaleSlope = 1
-        ct.PixelData = np.zeros((size, size), dtype=np.int16).tobytes()
+        ct = ct_slice(
+            study=study,
+            series=series,
+            frame_of_reference=frame_of_reference,
+            uid=generate_uid(),
+            index=index,
+            size=size,
+        )
         # A legacy SRT code, in a sequence whose keyword does not end in CodeSequence.
-        ct.AnatomicRegionSequence = Sequence([_code_item(ABDOMEN_SRT)])
+        ct.AnatomicRegionSequence = Sequence([code_item(ABDOMEN_SRT)])
         slices.append(ct)
 
     # The last slice names the first as its localizer.
     reference = Dataset()
     reference.ReferencedSOPClassUID = CTImageStorage
     reference.ReferencedSOPInstanceUID = slices[0].SOPInstanceUID
-    reference.PurposeOfReferenceCodeSequence = Sequence([_code_item(LOCALIZER)])
+    reference.PurposeOfReferenceCodeSequence = Sequence([code_item(LOCALIZER)])
     slices[-1].ReferencedImageSequence = Sequence([reference])
     return slices
 
@@ -180,10 +135,10 @@ def _segmentation(cts: list[Dataset]) -> Dataset:
     # highdicom takes no modifiers; add them where PS3.3 C.8.20.4 puts them.
     seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[
         0
-    ].SegmentedPropertyTypeModifierCodeSequence = Sequence([_code_item(ENTIRE)])
+    ].SegmentedPropertyTypeModifierCodeSequence = Sequence([code_item(ENTIRE)])
     seg.SegmentSequence[1].AnatomicRegionSequence[
         0
-    ].AnatomicRegionModifierSequence = Sequence([_code_item(LEFT)])
+    ].AnatomicRegionModifierSequence = Sequence([code_item(LEFT)])
     return seg
 
 
@@ -250,7 +205,7 @@ def _structured_report(seg: Dataset) -> Dataset:
         reference = Dataset()
         reference.ReferencedSOPClassUID = seg.SOPClassUID
         reference.ReferencedSOPInstanceUID = seg.SOPInstanceUID
-        reference.PurposeOfReferenceCodeSequence = Sequence([_code_item(purpose)])
+        reference.PurposeOfReferenceCodeSequence = Sequence([code_item(purpose)])
         references.append(reference)
     sr.ReferencedInstanceSequence = Sequence(references)
 
@@ -262,7 +217,7 @@ def _structured_report(seg: Dataset) -> Dataset:
 
     # A private sequence holding a code item: the path names it by its tag.
     block = sr.private_block(0x0009, "THODB TEST", create=True)
-    block.add_new(0x10, "SQ", Sequence([_code_item(PRIVATE_CODE)]))
+    block.add_new(0x10, "SQ", Sequence([code_item(PRIVATE_CODE)]))
     return sr
 
 

@@ -23,14 +23,15 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.sr.coding import Code
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, generate_uid
 from sqlalchemy.engine import Engine
 
 import thodb.imaging
 from conftest import table_checksums
+from dicom_objects import code_item, ct_slice
 from thodb import migrate
 from thodb.cli import main
 from thodb.db import schema_prefix
@@ -78,65 +79,24 @@ class Study:
         return [*self.cts, self.seg, self.sr]
 
 
-def _code_item(code: Code) -> Dataset:
-    item = Dataset()
-    item.CodeValue = code.value
-    item.CodingSchemeDesignator = code.scheme_designator
-    item.CodeMeaning = code.meaning
-    return item
-
-
 def _ct_series(count: int = 2, size: int = 8) -> list[Dataset]:
     """A small axial CT series; the last slice names the first as its localizer."""
     study, series, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
     slices = []
     for index in range(count):
-        uid = generate_uid()
-        ct = Dataset()
-        ct.file_meta = FileMetaDataset()
-        ct.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ct.file_meta.MediaStorageSOPInstanceUID = uid
-        ct.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ct.SOPClassUID = CTImageStorage
-        ct.SOPInstanceUID = uid
-        ct.StudyInstanceUID = study
-        ct.SeriesInstanceUID = series
-        ct.FrameOfReferenceUID = frame_of_reference
-        ct.PatientName = "Test^Patient"
-        ct.PatientID = "P1"
-        ct.PatientBirthDate = ""
-        ct.PatientSex = "O"
-        ct.StudyDate = "20260101"
-        ct.StudyTime = "120000"
-        ct.AccessionNumber = "A1"
-        ct.ReferringPhysicianName = ""
-        ct.StudyID = "1"
-        ct.Modality = "CT"
-        ct.SeriesNumber = 1
-        ct.InstanceNumber = index + 1
-        ct.Manufacturer = "thodb tests"
-        ct.PositionReferenceIndicator = ""
-        ct.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ct.ImagePositionPatient = [0.0, 0.0, float(index)]
-        ct.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-        ct.PixelSpacing = [1.0, 1.0]
-        ct.SliceThickness = 1.0
-        ct.SamplesPerPixel = 1
-        ct.PhotometricInterpretation = "MONOCHROME2"
-        ct.Rows = size
-        ct.Columns = size
-        ct.BitsAllocated = 16
-        ct.BitsStored = 16
-        ct.HighBit = 15
-        ct.PixelRepresentation = 1
-        ct.RescaleIntercept = 0
-        ct.RescaleSlope = 1
-        ct.PixelData = np.zeros((size, size), dtype=np.int16).tobytes()
+        ct = ct_slice(
+            study=study,
+            series=series,
+            frame_of_reference=frame_of_reference,
+            uid=generate_uid(),
+            index=index,
+            size=size,
+        )
         slices.append(ct)
     reference = Dataset()
     reference.ReferencedSOPClassUID = CTImageStorage
     reference.ReferencedSOPInstanceUID = slices[0].SOPInstanceUID
-    reference.PurposeOfReferenceCodeSequence = Sequence([_code_item(LOCALIZER)])
+    reference.PurposeOfReferenceCodeSequence = Sequence([code_item(LOCALIZER)])
     slices[-1].ReferencedImageSequence = Sequence([reference])
     return slices
 
@@ -199,7 +159,7 @@ def _structured_report(seg: Dataset) -> Dataset:
         reference = Dataset()
         reference.ReferencedSOPClassUID = seg.SOPClassUID
         reference.ReferencedSOPInstanceUID = seg.SOPInstanceUID
-        reference.PurposeOfReferenceCodeSequence = Sequence([_code_item(purpose)])
+        reference.PurposeOfReferenceCodeSequence = Sequence([code_item(purpose)])
         references.append(reference)
     sr.ReferencedInstanceSequence = Sequence(references)
     return sr
