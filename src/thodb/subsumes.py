@@ -10,15 +10,20 @@ from thodb.db import schema_prefix
 from thodb.errors import NotFoundError
 from thodb.expand import find_code_system
 
-# Ancestors of one concept (itself at distance 0), walking concept_parent upwards; UNION
-# stops at concepts already reached, so several parents cost nothing extra.
+# The ancestors of both concepts (each itself at distance 0), walking concept_parent
+# upwards from each; UNION stops at concepts already reached, so several parents cost
+# nothing extra. A row (start, found) says that found is an ancestor of start.
 _ANCESTORS = """
-WITH RECURSIVE up(concept_id) AS (
-    SELECT CAST(:concept_id AS INTEGER)
+WITH RECURSIVE up(start_id, concept_id) AS (
+    SELECT CAST(:a AS INTEGER), CAST(:a AS INTEGER)
     UNION
-    SELECT e.parent_id FROM up JOIN {p}concept_parent e ON e.concept_id = up.concept_id
+    SELECT CAST(:b AS INTEGER), CAST(:b AS INTEGER)
+    UNION
+    SELECT up.start_id, e.parent_id
+    FROM up JOIN {p}concept_parent e ON e.concept_id = up.concept_id
 )
-SELECT 1 FROM up WHERE concept_id = :ancestor_id
+SELECT start_id FROM up
+WHERE (start_id = :b AND concept_id = :a) OR (start_id = :a AND concept_id = :b)
 """
 
 
@@ -56,16 +61,13 @@ def subsumes(
             )
     if code_a == code_b:
         return "equivalent"
-    statement = sa.text(_ANCESTORS.format(p=p))
-
-    def is_ancestor(ancestor: str, of: str) -> bool:
-        found = session.execute(
-            statement, {"concept_id": ids[of], "ancestor_id": ids[ancestor]}
-        ).first()
-        return found is not None
-
-    if is_ancestor(code_a, code_b):
+    below_the_other = set(
+        session.scalars(
+            sa.text(_ANCESTORS.format(p=p)), {"a": ids[code_a], "b": ids[code_b]}
+        )
+    )
+    if ids[code_b] in below_the_other:
         return "subsumes"
-    if is_ancestor(code_b, code_a):
+    if ids[code_a] in below_the_other:
         return "subsumed-by"
     return "not-subsumed"
