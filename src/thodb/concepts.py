@@ -108,6 +108,10 @@ class CodeSystemInfo:
     case_sensitive: bool | None
     supplements: str | None
     value_set: str | None
+    #: The language of every ``concept.display`` (``CodeSystem.language``).
+    language: str | None = None
+    experimental: bool | None = None
+    standards_status: str | None = None
 
     @property
     def canonical(self) -> str:
@@ -127,6 +131,9 @@ def _info(row: CodeSystem) -> CodeSystemInfo:
         case_sensitive=row.case_sensitive,
         supplements=row.supplements,
         value_set=row.value_set,
+        language=row.language,
+        experimental=row.experimental,
+        standards_status=row.standards_status,
     )
 
 
@@ -251,13 +258,20 @@ def _designations(
                 ConceptDesignation.language,
                 ConceptDesignation.use_system,
                 ConceptDesignation.use_code,
+                ConceptDesignation.standards_status,
             )
             .where(ConceptDesignation.concept_id.in_(part))
             .order_by(ConceptDesignation.id)
         ):
             yield (
                 row.concept_id,
-                Designation(row.value, row.language, row.use_system, row.use_code),
+                Designation(
+                    row.value,
+                    row.language,
+                    row.use_system,
+                    row.use_code,
+                    row.standards_status,
+                ),
             )
 
 

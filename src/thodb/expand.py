@@ -870,10 +870,31 @@ def _read_consistently(
     return value_set, members
 
 
+def default_language(value_set: ValueSet) -> LanguagePreference | None:
+    """The display language a value set asks for when the request names none.
+
+    Its ``displayLanguage`` expansion parameter (extension on ``compose``), else its
+    ``language`` (HL7 tx: validation-simple-coding-bad-language-vs, -vslang). A value
+    that is not a language tag is ignored.
+    """
+    stated = dict((name, value) for name, value in value_set.expansion_parameters or [])
+    for value in (stated.get("displayLanguage"), value_set.language):
+        if value:
+            try:
+                return LanguagePreference.parse(value)
+            except ValueError:
+                log.warning(
+                    "value set %s: %r is not a language; ignored", value_set.url, value
+                )
+    return None
+
+
 def _expand(
     session: Session, value_set: ValueSet, members: list[Member], options: ExpandOptions
 ) -> Expansion:
     name = canonical(value_set.url, value_set.version)
+    if options.language is None:
+        options = replace(options, language=default_language(value_set))
     reached = closure(session, value_set.id)
     used = used_code_systems(session, reached)
     check_versions(used, options.versions)
@@ -1012,6 +1033,7 @@ def _decorate(
             else (concepts.find_code_system(session, system))
         )
         found: dict[str, ConceptDetails] = {}
+        language = cs.language if cs is not None else None
         if cs is not None and cs.version == version:
             found = concepts.details(
                 session,
@@ -1026,15 +1048,22 @@ def _decorate(
             details = found.get(member.code)
             order = details.id if details is not None else 1 << 62
             result.append(
-                ((system, order, member.code), _dress(member, details, options))
+                (
+                    (system, order, member.code),
+                    _dress(member, details, options, language),
+                )
             )
     result.sort(key=lambda item: item[0])
     return [member for _, member in result]
 
 
 def _dress(
-    member: Member, details: ConceptDetails | None, options: ExpandOptions
+    member: Member,
+    details: ConceptDetails | None,
+    options: ExpandOptions,
+    language: str | None,
 ) -> Member:
+    """``member`` with what the options ask for; ``language`` is its displays' language."""
     if details is None:
         return member
     # Without a language preference the stored display stands: it was read with the
@@ -1042,7 +1071,7 @@ def _dress(
     display = member.display
     if options.language:
         display = pick_display(
-            details.display, None, details.designations, options.language
+            details.display, language, details.designations, options.language
         )
     if options.language and details.display is None:
         display = pick_display(
@@ -1057,7 +1086,7 @@ def _dress(
             chosen = [d for d in chosen if d.value != display]
             if not options.designations:
                 chosen.insert(
-                    0, Designation(details.display, None, *PREFERRED_FOR_LANGUAGE)
+                    0, Designation(details.display, language, *PREFERRED_FOR_LANGUAGE)
                 )
         designations = tuple(chosen)
     properties: list[Property] = []

@@ -110,12 +110,14 @@ class Designation:
     :param language: its BCP 47 language, when known.
     :param use_system: system of the designation's ``use`` coding.
     :param use_code: code of the ``use`` coding.
+    :param status: its standards status (``deprecated``, ``withdrawn``), when stated.
     """
 
     value: str
     language: str | None = None
     use_system: str | None = None
     use_code: str | None = None
+    status: str | None = None
 
 
 def pick_display(

@@ -370,6 +370,9 @@ def _write_code_systems(
                 "case_sensitive": r.case_sensitive,
                 "supplements": r.supplements,
                 "value_set": r.value_set,
+                "language": r.language,
+                "experimental": r.experimental,
+                "standards_status": r.standards_status,
                 "concept_count": len(r.concepts),
                 "content_hash": r.content_hash,
                 "source": r.source,
@@ -422,6 +425,7 @@ def _write_code_systems(
             "language": d.language,
             "use_system": d.use_system,
             "use_code": d.use_code,
+            "standards_status": d.standards_status,
         }
         for cs_id, c in concepts
         for d in c.designations
@@ -468,6 +472,13 @@ def _write_value_sets(session: Session, records: list[ValueSetRecord]) -> None:
                 "name": r.name,
                 "title": r.title,
                 "status": r.status,
+                "language": r.language,
+                "experimental": r.experimental,
+                "standards_status": r.standards_status,
+                "compose_inactive": r.compose_inactive,
+                "supplements": r.supplements or None,
+                "expansion_parameters": [list(p) for p in r.expansion_parameters]
+                or None,
                 "has_compose": r.has_compose,
                 "content_hash": r.content_hash,
                 "source": r.source,
@@ -501,9 +512,30 @@ def _write_value_sets(session: Session, records: list[ValueSetRecord]) -> None:
         session,
         ComposeConcept,
         [
-            {"rule_id": rule_id, "position": i, "code": code, "display": display}
+            {
+                "rule_id": rule_id,
+                "position": i,
+                "code": c.code,
+                "display": c.display,
+                "designations": [
+                    {
+                        "language": d.language,
+                        "use_system": d.use_system,
+                        "use_code": d.use_code,
+                        "value": d.value,
+                    }
+                    for d in c.designations
+                ]
+                or None,
+                "properties": [
+                    {"code": p.code, "type": p.type, "value": p.value}
+                    for p in c.properties
+                ]
+                or None,
+                "standards_status": c.standards_status,
+            }
             for rule_id, rule in pairs
-            for i, (code, display) in enumerate(rule.concepts)
+            for i, c in enumerate(rule.concepts)
         ],
     )
     _insert(

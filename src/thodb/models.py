@@ -18,7 +18,10 @@ them (a test runs autogenerate and expects no difference).
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
+    JSON,
     Boolean,
     ForeignKey,
     Index,
@@ -70,6 +73,11 @@ class CodeSystem(Base):
     case_sensitive: Mapped[bool | None] = mapped_column(Boolean)
     supplements: Mapped[str | None] = mapped_column(Text)
     value_set: Mapped[str | None] = mapped_column(Text)
+    #: The resource's ``language``: the language of every ``concept.display``.
+    language: Mapped[str | None] = mapped_column(String(32))
+    experimental: Mapped[bool | None] = mapped_column(Boolean)
+    #: The ``structuredefinition-standards-status`` extension (e.g. ``deprecated``).
+    standards_status: Mapped[str | None] = mapped_column(String(16))
     concept_count: Mapped[int] = mapped_column(Integer)
     #: SHA-256 of the resource's canonical JSON: the same content loads once.
     content_hash: Mapped[str] = mapped_column(String(64))
@@ -139,6 +147,8 @@ class ConceptDesignation(Base):
     use_system: Mapped[str | None] = mapped_column(Text)
     use_code: Mapped[str | None] = mapped_column(Text)
     value: Mapped[str] = mapped_column(Text)
+    #: The standards-status extension of the designation (e.g. ``withdrawn``).
+    standards_status: Mapped[str | None] = mapped_column(String(16))
 
 
 class ConceptProperty(Base):
@@ -189,6 +199,18 @@ class ValueSet(Base):
     status: Mapped[str | None] = mapped_column(String(16))
     #: False when the resource has no ``compose`` (defined by reference elsewhere).
     has_compose: Mapped[bool] = mapped_column(Boolean)
+    #: The resource's ``language``: the display language of its expansion by default.
+    language: Mapped[str | None] = mapped_column(String(32))
+    experimental: Mapped[bool | None] = mapped_column(Boolean)
+    #: The ``structuredefinition-standards-status`` extension (e.g. ``withdrawn``).
+    standards_status: Mapped[str | None] = mapped_column(String(16))
+    #: ``compose.inactive``: False leaves inactive codes out of the membership.
+    compose_inactive: Mapped[bool | None] = mapped_column(Boolean)
+    #: Canonicals of the ``valueset-supplement`` extensions: supplements it applies.
+    supplements: Mapped[list[str] | None] = mapped_column(JSON)
+    #: ``valueset-expansion-parameter`` extensions on ``compose``, as
+    #: ``[[name, value], ...]``: defaults for the ``$expand`` parameters.
+    expansion_parameters: Mapped[list[list[str]] | None] = mapped_column(JSON)
     content_hash: Mapped[str] = mapped_column(String(64))
     source: Mapped[str] = mapped_column(Text)
     #: ``expanded`` or ``not-expandable``; set by every load.
@@ -259,6 +281,15 @@ class ComposeConcept(Base):
     position: Mapped[int] = mapped_column(Integer)
     code: Mapped[str] = mapped_column(Text)
     display: Mapped[str | None] = mapped_column(Text)
+    #: ``include.concept.designation``, as ``[{"language", "use_system", "use_code",
+    #: "value"}, ...]``.
+    designations: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    #: Properties the value set gives the code by extension (``valueset-label``,
+    #: ``valueset-conceptOrder``, ``itemWeight``), as ``[{"code", "type", "value"}]``.
+    properties: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    #: ``deprecated`` (``valueset-deprecated``) or the standards-status extension: the
+    #: status of the code's presence in this value set.
+    standards_status: Mapped[str | None] = mapped_column(String(16))
 
 
 class ComposeFilter(Base):

@@ -19,7 +19,7 @@ Both operations only read otherwise.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -31,12 +31,19 @@ from thodb.errors import NotFoundError
 from thodb.expand import (
     ValueSetNotExpandable,
     closure,
+    default_language,
     find_value_set,
     problem_of,
     version_scope,
 )
 from thodb.languages import Designation, LanguagePreference, pick_display
-from thodb.models import ComposeRule, ComposeRuleCode, ValueSet, ValueSetMember
+from thodb.models import (
+    ComposeConcept,
+    ComposeRule,
+    ComposeRuleCode,
+    ValueSet,
+    ValueSetMember,
+)
 from thodb.outcome import Issue, TerminologyError, path
 from thodb.versions import VersionRules
 
@@ -127,12 +134,15 @@ class _Scope:
         rules: dict[str, list[_Rule]],
         value_set: ValueSet | None,
         code_system: CodeSystemInfo | None = None,
+        reached: Sequence[int] = (),
     ) -> None:
         self.session = session
         self.name = name
         self.rules = rules
         self.value_set = value_set
         self.code_system = code_system
+        #: Ids of the value set and of every value set it imports.
+        self.reached = tuple(reached)
 
     @property
     def internal(self) -> bool:
@@ -203,6 +213,27 @@ class _Scope:
         ).first()
         return None if row is None else (row.version, row.display)
 
+    def presence_status(self, system: str, code: str) -> str | None:
+        """The status a value set of the scope gives ``system#code`` where it lists it.
+
+        ``deprecated`` for a code marked ``valueset-deprecated`` (or with a
+        standards-status extension) on an ``include.concept``.
+        """
+        if not self.reached:
+            return None
+        return self.session.scalar(
+            sa.select(ComposeConcept.standards_status)
+            .join(ComposeRule, ComposeRule.id == ComposeConcept.rule_id)
+            .where(
+                ComposeRule.value_set_id.in_(self.reached),
+                ComposeRule.kind == "include",
+                ComposeRule.system == system,
+                ComposeConcept.code == code,
+                ComposeConcept.standards_status.is_not(None),
+            )
+            .limit(1)
+        )
+
     def systems_with(self, code: str) -> list[str]:
         """The systems whose ``code`` is in the value set (for ``inferSystem``)."""
         if self.value_set is None:
@@ -230,6 +261,7 @@ def _value_set_scope(session: Session, value_set: ValueSet) -> _Scope:
                 problem,
             )
     rules: dict[str, list[_Rule]] = {}
+    reached = closure(session, value_set.id)
     for row in session.execute(
         sa.select(
             ComposeRule.id,
@@ -237,7 +269,7 @@ def _value_set_scope(session: Session, value_set: ValueSet) -> _Scope:
             ComposeRule.version,
             ComposeRule.code_system_id,
         ).where(
-            ComposeRule.value_set_id.in_(closure(session, value_set.id)),
+            ComposeRule.value_set_id.in_(reached),
             ComposeRule.kind == "include",
             ComposeRule.system.is_not(None),
         )
@@ -247,7 +279,11 @@ def _value_set_scope(session: Session, value_set: ValueSet) -> _Scope:
             _Rule(row.id, system, row.version, row.code_system_id)
         )
     return _Scope(
-        session, canonical(value_set.url, value_set.version), rules, value_set
+        session,
+        canonical(value_set.url, value_set.version),
+        rules,
+        value_set,
+        reached=reached,
     )
 
 
@@ -267,6 +303,13 @@ class _Check:
     status: str | None = None
     normalized: str | None = None
     located: bool = False
+
+
+# Standards statuses that a reference to a resource is reported for, with the message id.
+_FLAGGED_STANDARDS_STATUS = {
+    "deprecated": "MSG_DEPRECATED",
+    "withdrawn": "MSG_WITHDRAWN",
+}
 
 
 class _Validator:
@@ -368,6 +411,8 @@ class _Validator:
                 found.outcome = None
             else:
                 self._in_code_system(coding, cs, where, found, member_check=True)
+                if found.outcome is True:
+                    self._presence(coding, found, where)
         if (
             found.outcome is not True
             and not self.options.membership_only
@@ -483,8 +528,63 @@ class _Validator:
         self._status(cs)
         return cs
 
+    def value_set_status(self) -> None:
+        """Report the value sets of the scope that are deprecated or withdrawn."""
+        if not self.scope.reached:
+            return
+        for row in self.session.execute(
+            sa.select(ValueSet.url, ValueSet.version, ValueSet.standards_status)
+            .where(
+                ValueSet.id.in_(self.scope.reached),
+                ValueSet.standards_status.in_(list(_FLAGGED_STANDARDS_STATUS)),
+            )
+            .order_by(ValueSet.url)
+        ):
+            self.add(
+                "information",
+                "business-rule",
+                "status-check",
+                f"the value set {canonical(row.url, row.version)} is "
+                f"{row.standards_status}",
+                None,
+                _FLAGGED_STANDARDS_STATUS[row.standards_status],
+            )
+
+    def _presence(self, coding: Coding, found: _Check, where: str) -> None:
+        code = found.normalized or str(coding.code)
+        status = self.scope.presence_status(str(coding.system), code)
+        if status is None:
+            return
+        self.add(
+            "warning",
+            "business-rule",
+            "code-comment",
+            f"the code {code!r} of {coding.system} is {status} in the value set "
+            f"{self.scope.name}, and its use should be reviewed",
+            where or "code",
+            "CONCEPT_DEPRECATED_IN_VALUESET",
+        )
+
     def _status(self, cs: CodeSystemInfo) -> None:
         vs = self.scope.value_set
+        if cs.standards_status in _FLAGGED_STANDARDS_STATUS:
+            self.add(
+                "information",
+                "business-rule",
+                "status-check",
+                f"the code system {cs.canonical} is {cs.standards_status}",
+                None,
+                _FLAGGED_STANDARDS_STATUS[cs.standards_status],
+            )
+        if cs.experimental and not (vs is not None and vs.experimental):
+            self.add(
+                "information",
+                "business-rule",
+                "status-check",
+                f"the code system {cs.canonical} is experimental",
+                None,
+                "MSG_EXPERIMENTAL",
+            )
         if cs.status == "retired":
             self.add(
                 "information",
@@ -581,16 +681,31 @@ class _Validator:
                 found.outcome = True
         else:
             found.outcome = False
+            vs = self.scope.value_set
+            if member_check and details.inactive and vs and vs.compose_inactive is False:
+                # The compose would take the code but leaves inactive codes out.
+                self.add(
+                    "error",
+                    "business-rule",
+                    "code-rule",
+                    f"the code {code!r} is valid but not active, and the value set "
+                    f"{self.scope.name} holds active codes only",
+                    path(where, "code"),
+                    "STATUS_CODE_WARNING_CODE",
+                )
         found.inactive = details.inactive
         found.status = details.status
         found.display = (
             pick_display(
-                details.display, None, details.designations, self.options.language
+                details.display,
+                cs.language,
+                details.designations,
+                self.options.language,
             )
             or details.display
         )
         if coding.display is not None:
-            self._display(coding, details, where)
+            self._display(coding, details, where, cs.language)
 
     def _with_supplements(
         self, cs: CodeSystemInfo, details: ConceptDetails
@@ -602,7 +717,14 @@ class _Validator:
             details.code
         ]
 
-    def _display(self, coding: Coding, details: ConceptDetails, where: str) -> None:
+    def _display(
+        self,
+        coding: Coding,
+        details: ConceptDetails,
+        where: str,
+        language: str | None,
+    ) -> None:
+        """Check the coding's display; ``language`` is that of ``details.display``."""
         given = str(coding.display)
         preference = self.options.language
         severity = "warning" if self.options.lenient_display else "error"
@@ -610,18 +732,19 @@ class _Validator:
         if not preference:
             if _contains(everything, given):
                 return
-            self._wrong_display(coding, details, where, severity)
+            self._wrong_display(coding, details, where, severity, language)
             return
-        # The display's language is the code system's, which the schema does not keep:
-        # it is taken to be any language.
-        in_language = [details.display] if details.display is not None else []
-        in_language += [
+        # A display of a code system that states no language is taken to be in any.
+        requested = [
             d.value for d in details.designations if preference.accepts(d.language)
         ]
-        if _contains(in_language, given):
+        if details.display is not None and (
+            language is None or preference.accepts(language)
+        ):
+            requested.insert(0, details.display)
+        if _contains(requested, given):
             return
-        requested = [d for d in details.designations if preference.accepts(d.language)]
-        if not requested and details.display is None and _contains(everything, given):
+        if not requested and _contains(everything, given):
             self.add(
                 "information",
                 "invalid",
@@ -632,14 +755,19 @@ class _Validator:
                 "NO_VALID_DISPLAY_FOUND_NONE_FOR_LANG_OK",
             )
             return
-        self._wrong_display(coding, details, where, severity)
+        self._wrong_display(coding, details, where, severity, language)
 
     def _wrong_display(
-        self, coding: Coding, details: ConceptDetails, where: str, severity: str
+        self,
+        coding: Coding,
+        details: ConceptDetails,
+        where: str,
+        severity: str,
+        language: str | None,
     ) -> None:
         expected = (
             pick_display(
-                details.display, None, details.designations, self.options.language
+                details.display, language, details.designations, self.options.language
             )
             or details.display
         )
@@ -853,6 +981,7 @@ def _run(
             mode, f"CodeableConcept.coding[{i}]"
         )
         checks.append((coding, where, validator.check(coding, where, mode)))
+    validator.value_set_status()
     return _answer(validator, checks, mode)
 
 
@@ -865,6 +994,13 @@ def _supplements(session: Session, options: ValidateOptions) -> None:
                 f"the supplement {reference} is not loaded",
                 message_id="VALUESET_SUPPLEMENT_MISSING",
             )
+
+
+def _defaults(options: ValidateOptions, value_set: ValueSet) -> ValidateOptions:
+    """``options`` with what the value set states for what the request leaves open."""
+    if options.language is None:
+        options = replace(options, language=default_language(value_set))
+    return options
 
 
 def validate_code(
@@ -934,7 +1070,7 @@ def validate_concept(
         for _ in range(_READ_ATTEMPTS):
             value_set = find_value_set(session, url, version)
             scope = _value_set_scope(session, value_set)
-            answer = _run(session, scope, codings, mode, options)
+            answer = _run(session, scope, codings, mode, _defaults(options, value_set))
             # Under PostgreSQL's READ COMMITTED a load may replace the value set between
             # two reads; a sequence never gives an id twice, so its row still being
             # there proves it was not. (A SQLite reader sees one snapshot throughout.)

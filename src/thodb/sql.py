@@ -229,6 +229,12 @@ _NOT_EXCLUDED = """NOT EXISTS (
                                   WHERE m2.value_set_id = j.value_set_id
                                     AND m2.system = m.system AND m2.code = m.code)))"""
 
+# "Value set r.value_set_id may hold code m": an inactive code only when its compose
+# does not say ``inactive: false``.
+_ACTIVE_UNLESS_ALLOWED = """(NOT m.inactive OR NOT EXISTS (
+          SELECT 1 FROM {p}value_set v
+          WHERE v.id = r.value_set_id AND v.compose_inactive = FALSE))"""
+
 # The smallest display that the operands of an intersection (rule r, member m of its
 # first value set) give for m: those of the value sets and of the system part. A
 # loaded code system's display is the same in all of them; an enumerated code of one
@@ -273,6 +279,9 @@ member(value_set_id, system, code, display, version, inactive, abstract) AS (
       AND """
     + _NOT_EXCLUDED
     + """
+      AND """
+    + _ACTIVE_UNLESS_ALLOWED
+    + """
     UNION
     -- An include whose value sets were expanded in an earlier pass: the members of the
     -- first that are also in the others and in the system part, with the smallest
@@ -295,6 +304,9 @@ member(value_set_id, system, code, display, version, inactive, abstract) AS (
       AND """
     + _NOT_EXCLUDED
     + """
+      AND """
+    + _ACTIVE_UNLESS_ALLOWED
+    + """
     UNION
     -- An include of exactly one value set of this statement: its members, again, with
     -- the system part's display where that is smaller.
@@ -310,6 +322,9 @@ member(value_set_id, system, code, display, version, inactive, abstract) AS (
     + """
       AND """
     + _NOT_EXCLUDED
+    + """
+      AND """
+    + _ACTIVE_UNLESS_ALLOWED
     + """
 )
 """

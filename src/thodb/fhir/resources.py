@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 from thodb.canonical import split_canonical
@@ -56,6 +57,25 @@ _MEANINGFUL = frozenset(
 _HIERARCHY_UP = frozenset({"parent", "subsumedBy"})
 _INACTIVE_STATUSES = frozenset({"retired", "inactive"})
 
+_STANDARDS_STATUS = (
+    "http://hl7.org/fhir/StructureDefinition/structuredefinition-standards-status"
+)
+_VALUESET_SUPPLEMENT = "http://hl7.org/fhir/StructureDefinition/valueset-supplement"
+_EXPANSION_PARAMETER = (
+    "http://hl7.org/fhir/StructureDefinition/valueset-expansion-parameter"
+)
+
+# Extensions of include.concept that thodb keeps, by the name it gives them: the
+# properties a terminology service shows for them, and the code's status in the value
+# set (R5 extensions registry; HL7 tx: extensions-echo-enumerated).
+_COMPOSE_CONCEPT_EXTENSIONS = {
+    "http://hl7.org/fhir/StructureDefinition/valueset-conceptOrder": "order",
+    "http://hl7.org/fhir/StructureDefinition/valueset-label": "label",
+    "http://hl7.org/fhir/StructureDefinition/itemWeight": "weight",
+    "http://hl7.org/fhir/StructureDefinition/valueset-deprecated": "deprecated",
+    _STANDARDS_STATUS: "status",
+}
+
 # Concept extensions read as properties (see _extension_properties).
 _EXTENSION_PROPERTIES = {
     "http://hl7.org/fhir/StructureDefinition/codesystem-conceptOrder": "order",
@@ -83,6 +103,7 @@ class DesignationRecord:
     language: str | None = None
     use_system: str | None = None
     use_code: str | None = None
+    standards_status: str | None = None
 
 
 @dataclass
@@ -126,10 +147,26 @@ class CodeSystemRecord:
     case_sensitive: bool | None = None
     supplements: str | None = None
     value_set: str | None = None
+    language: str | None = None
+    experimental: bool | None = None
+    standards_status: str | None = None
     properties: list[tuple[str, str | None, str | None, str | None]] = field(
         default_factory=list
     )
     concepts: list[ConceptRecord] = field(default_factory=list)
+
+
+@dataclass
+class ComposeConceptRecord:
+    """An ``include.concept`` (or ``exclude.concept``) and what the value set says of it."""
+
+    code: str
+    display: str | None = None
+    designations: list[DesignationRecord] = field(default_factory=list)
+    #: Extension properties (``label``, ``order``, ``weight``), as in a code system.
+    properties: list[PropertyRecord] = field(default_factory=list)
+    #: ``deprecated`` (``valueset-deprecated``) or the standards-status extension.
+    standards_status: str | None = None
 
 
 @dataclass
@@ -140,7 +177,7 @@ class RuleRecord:
     position: int
     system: str | None
     version: str | None
-    concepts: list[tuple[str, str | None]] = field(default_factory=list)
+    concepts: list[ComposeConceptRecord] = field(default_factory=list)
     filters: list[tuple[str, str, str]] = field(default_factory=list)
     imports: list[tuple[str, str | None]] = field(default_factory=list)
 
@@ -157,6 +194,14 @@ class ValueSetRecord:
     name: str | None = None
     title: str | None = None
     status: str | None = None
+    language: str | None = None
+    experimental: bool | None = None
+    standards_status: str | None = None
+    compose_inactive: bool | None = None
+    #: Canonicals of the ``valueset-supplement`` extensions.
+    supplements: list[str] = field(default_factory=list)
+    #: ``valueset-expansion-parameter`` extensions of ``compose``: (name, value).
+    expansion_parameters: list[tuple[str, str]] = field(default_factory=list)
     rules: list[RuleRecord] = field(default_factory=list)
 
 
@@ -323,6 +368,9 @@ def _code_system(
         case_sensitive=reader.boolean(resource, "caseSensitive", ""),
         supplements=reader.string(resource, "supplements", ""),
         value_set=reader.string(resource, "valueSet", ""),
+        language=reader.string(resource, "language", ""),
+        experimental=reader.boolean(resource, "experimental", ""),
+        standards_status=_standards_status(reader, resource, ""),
     )
 
     meaning: dict[str, str] = {}
@@ -379,20 +427,55 @@ def _concepts(
             dpath = f"{path}.designation[{j}]"
             raw_use = designation.get("use")
             use: dict[str, Any] = raw_use if isinstance(raw_use, dict) else {}
-            concept.designations.append(
-                DesignationRecord(
-                    value=reader.required(designation, "value", dpath),
-                    language=reader.string(designation, "language", dpath),
-                    use_system=reader.string(use, "system", f"{dpath}.use"),
-                    use_code=reader.string(use, "code", f"{dpath}.use"),
-                )
-            )
+            concept.designations.append(_designation(reader, designation, dpath))
         for j, prop in enumerate(reader.objects(obj, "property", path)):
             ppath = f"{path}.property[{j}]"
             _property(reader, prop, ppath, concept, meaning, children)
         _extension_properties(reader, obj, path, concept)
         record.concepts.append(concept)
         _concepts(reader, obj, path, code, record, meaning, seen, children)
+
+
+def _designation(
+    reader: _Reader, designation: dict[str, Any], path: str
+) -> DesignationRecord:
+    raw_use = designation.get("use")
+    use: dict[str, Any] = raw_use if isinstance(raw_use, dict) else {}
+    return DesignationRecord(
+        value=reader.required(designation, "value", path),
+        language=reader.string(designation, "language", path),
+        use_system=reader.string(use, "system", f"{path}.use"),
+        use_code=reader.string(use, "code", f"{path}.use"),
+        standards_status=_standards_status(reader, designation, path),
+    )
+
+
+def _extension_value(
+    reader: _Reader, obj: dict[str, Any], path: str, urls: Mapping[str, str]
+) -> list[tuple[str, str, str]]:
+    """(name, FHIR type, value as text) of each extension of ``obj`` named in ``urls``.
+
+    ``urls`` maps an extension url to the name the caller knows it by; other
+    extensions are ignored, as FHIR allows.
+    """
+    found: list[tuple[str, str, str]] = []
+    for j, extension in enumerate(reader.objects(obj, "extension", path)):
+        name = urls.get(str(extension.get("url", "")))
+        if name is None:
+            continue
+        epath = f"{_join(path, 'extension')}[{j}]"
+        keys = [key for key in extension if key.startswith("value")]
+        if len(keys) != 1 or isinstance(extension[keys[0]], (dict, list)):
+            raise reader.error(epath, "must have exactly one primitive value[x]")
+        raw = extension[keys[0]]
+        value = ("true" if raw else "false") if isinstance(raw, bool) else str(raw)
+        found.append((name, _PROPERTY_VALUE_TYPES.get(keys[0], "string"), value))
+    return found
+
+
+def _standards_status(reader: _Reader, obj: dict[str, Any], path: str) -> str | None:
+    values = _extension_value(reader, obj, path, {_STANDARDS_STATUS: "status"})
+    return values[0][2] if values else None
 
 
 def _property(
@@ -543,14 +626,71 @@ def _value_set(reader: _Reader, resource: dict[str, Any], base: str) -> ValueSet
         name=reader.string(resource, "name", ""),
         title=reader.string(resource, "title", ""),
         status=reader.string(resource, "status", ""),
+        language=reader.string(resource, "language", ""),
+        experimental=reader.boolean(resource, "experimental", ""),
+        standards_status=_standards_status(reader, resource, ""),
+        supplements=[
+            value.strip()
+            for _, _, value in _extension_value(
+                reader, resource, "", {_VALUESET_SUPPLEMENT: "supplement"}
+            )
+        ],
     )
     if compose is None:
         return record
+    record.compose_inactive = reader.boolean(compose, "inactive", "compose")
+    record.expansion_parameters = _expansion_parameters(reader, compose)
     for kind in ("include", "exclude"):
         for i, rule in enumerate(reader.objects(compose, kind, "compose")):
             record.rules.append(_rule(reader, rule, f"compose.{kind}[{i}]", kind, i))
     if not any(rule.kind == "include" for rule in record.rules):
         raise reader.error("compose.include", "a compose needs at least one include")
+    return record
+
+
+def _expansion_parameters(
+    reader: _Reader, compose: dict[str, Any]
+) -> list[tuple[str, str]]:
+    """The ``valueset-expansion-parameter`` extensions of ``compose``: (name, value)."""
+    found: list[tuple[str, str]] = []
+    for i, extension in enumerate(reader.objects(compose, "extension", "compose")):
+        if extension.get("url") != _EXPANSION_PARAMETER:
+            continue
+        path = f"compose.extension[{i}]"
+        parts = {
+            name: value
+            for name, _, value in _extension_value(
+                reader, extension, path, {"name": "name", "value": "value"}
+            )
+        }
+        if "name" not in parts or "value" not in parts:
+            raise reader.error(path, "an expansion parameter needs a name and a value")
+        found.append((parts["name"], parts["value"]))
+    return found
+
+
+def _compose_concept(
+    reader: _Reader, concept: dict[str, Any], path: str
+) -> ComposeConceptRecord:
+    record = ComposeConceptRecord(
+        code=str(reader.key(reader.required(concept, "code", path), f"{path}.code")),
+        display=reader.string(concept, "display", path),
+        designations=[
+            _designation(reader, d, f"{path}.designation[{j}]")
+            for j, d in enumerate(reader.objects(concept, "designation", path))
+        ],
+    )
+    for name, type_, value in _extension_value(
+        reader, concept, path, _COMPOSE_CONCEPT_EXTENSIONS
+    ):
+        if name == "deprecated":
+            if value == "true":
+                record.standards_status = record.standards_status or "deprecated"
+        elif name == "status":
+            record.standards_status = value
+        else:
+            kind = "decimal" if name in ("order", "weight") else type_
+            record.properties.append(PropertyRecord(name, kind, value))
     return record
 
 
@@ -567,15 +707,7 @@ def _rule(
         url, version = split_canonical(reference.strip())
         rule.imports.append((url, version))
     for j, concept in enumerate(reader.objects(obj, "concept", path)):
-        cpath = f"{path}.concept[{j}]"
-        rule.concepts.append(
-            (
-                str(
-                    reader.key(reader.required(concept, "code", cpath), f"{cpath}.code")
-                ),
-                reader.string(concept, "display", cpath),
-            )
-        )
+        rule.concepts.append(_compose_concept(reader, concept, f"{path}.concept[{j}]"))
     for j, flt in enumerate(reader.objects(obj, "filter", path)):
         fpath = f"{path}.filter[{j}]"
         op = reader.required(flt, "op", fpath)
