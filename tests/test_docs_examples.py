@@ -442,6 +442,23 @@ def check_expand(namespace: dict[str, Any], _engine: Engine, _: Context) -> None
     assert namespace["displays"] == {key: m.display for key, m in expected.items()}
 
 
+def check_expand_options(
+    namespace: dict[str, Any], _engine: Engine, _: Context
+) -> None:
+    expected = reference().expand(IMAGE_REFERENCE_TYPE)
+    active = {key for key, m in expected.items() if not m.inactive}
+    assert {(m.system, m.code) for m in namespace["active"].contains} == active
+    assert namespace["active"].total == len(active)
+    page = namespace["page"]
+    assert (page.total, len(page.contains)) == (len(expected), 20)
+    words = re.compile(r"\w+")
+    assert {(m.system, m.code) for m in namespace["liver"].contains} == {
+        key
+        for key, m in expected.items()
+        if any(w.startswith("liver") for w in words.findall((m.display or "").lower()))
+    }
+
+
 def check_errors(namespace: dict[str, Any], _engine: Engine, _: Context) -> None:
     url = namespace["CID_101"]
     with pytest.raises(ReferenceExpansionError) as caught:
@@ -516,6 +533,7 @@ def check_store_imaging(
 PYTHON_CHECKS: dict[str, Callable[[dict[str, Any], Engine, Context], None]] = {
     "open-session": check_open_session,
     "expand": check_expand,
+    "expand-options": check_expand_options,
     "errors": check_errors,
     "validate-code": check_validate_code,
     "lookup": check_lookup,

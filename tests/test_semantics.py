@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from conftest import SHARED, Databases, table_checksums
 from reference import Terminology
 from thodb import load as load_mod
-from thodb.db import session_scope
+from thodb.db import schema_prefix, session_scope
 from thodb.expand import ExpandOptions, Member, expand
 from thodb.fhir import operations as fhir_operations
 from thodb.languages import LanguagePreference
@@ -52,6 +53,17 @@ FILES = [
     "case/valueset-case-insensitive.json",
     "fragment/codesystem-fragment.json",
     "fragment/valueset-fragment.json",
+    "language/valueset-en-en-multi.json",
+    "language/valueset-en-enlang-multi.json",
+    "inactive/codesystem-inactive.json",
+    "inactive/valueset-all-active.json",
+    "extensions/codesystem-extensions.json",
+    "extensions/codesystem-supplement.json",
+    "extensions/valueset-extensions-enumerated.json",
+    "extensions/valueset-extensions-bad-supplement.json",
+    "deprecated/codesystem-deprecated.json",
+    "deprecated/valueset-withdrawn.json",
+    "deprecated/valueset-not-withdrawn.json",
 ]
 
 
@@ -367,6 +379,140 @@ def test_tx_resources_serve_one_request_and_leave_the_database_unchanged(
     assert status == 200
     assert [c["code"] for c in resource["expansion"]["contains"]] == ["code1"]
     assert table_checksums(tx_engine) == before
+
+
+def test_compose_inactive_false_leaves_inactive_codes_out_everywhere(
+    tx_engine: Engine,
+) -> None:
+    # The code system file marks a code inactive by property or by a retired status.
+    inactive = set()
+    for concept in _json("inactive/codesystem-inactive.json")["concept"]:
+        for prop in concept.get("property", []):
+            if prop["code"] == "inactive" and prop.get("valueBoolean") is True:
+                inactive.add(concept["code"])
+            if prop["code"] == "status" and prop.get("valueCode") == "retired":
+                inactive.add(concept["code"])
+    assert _json("inactive/valueset-all-active.json")["compose"]["inactive"] is False
+    every = {c["code"] for c in _json("inactive/codesystem-inactive.json")["concept"]}
+    assert inactive and inactive < every
+
+    url = VS + "inactive-all-active"
+    assert {m.code for m in _expand(tx_engine, url)} == every - inactive
+    with session_scope(tx_engine) as session:
+        view = set(
+            session.execute(
+                text(
+                    f"SELECT code FROM {schema_prefix(session)}value_set_expansion "
+                    "WHERE value_set_url = :url"
+                ),
+                {"url": url},
+            ).scalars()
+        )
+        answer = validate_coding(
+            session,
+            url,
+            Coding("http://hl7.org/fhir/test/CodeSystem/inactive", sorted(inactive)[0]),
+        )
+    assert view == every - inactive
+    expected = _json("inactive/validate-inactive-2a-response-parameters.json")
+    assert answer.result is _parameter(expected, "result")["valueBoolean"]
+    assert {(i.severity, i.code, i.tx_type) for i in answer.issues} == _issues(expected)
+
+
+def test_a_value_set_supplement_and_include_concept_annotations_dress_the_expansion(
+    tx_engine: Engine,
+) -> None:
+    value_set = _json("extensions/valueset-extensions-enumerated.json")
+    expected = {
+        c["code"]: c
+        for c in _json("extensions/expand-echo-enumerated-valueset.json")["expansion"][
+            "contains"
+        ]
+    }
+    members = {
+        m.code: m
+        for m in _expand(tx_engine, value_set["url"], include_designations=True)
+    }
+    assert set(members) == {
+        c["code"] for c in value_set["compose"]["include"][0]["concept"]
+    }
+    for code, entry in expected.items():
+        shown = {(d.language, d.value) for d in members[code].designations}
+        assert {
+            (d.get("language"), d["value"]) for d in entry.get("designation", [])
+        } <= shown
+        properties = {
+            (p.code, float(p.value) if p.type == "decimal" else p.value)
+            for p in members[code].properties
+        }
+        for prop in entry.get("property", []):
+            value = prop.get(
+                "valueString", prop.get("valueCode", prop.get("valueDecimal"))
+            )
+            assert (prop["code"], value) in properties, (code, prop)
+
+
+def test_a_value_set_naming_a_supplement_that_is_not_loaded_is_an_error(
+    tx_engine: Engine,
+) -> None:
+    expected = _json("extensions/expand-echo-bad-supplement-outcome.json")
+    with session_scope(tx_engine) as session, pytest.raises(TerminologyError) as error:
+        expand(session, VS + "extensions-bad-supplement")
+    assert (
+        error.value.issues[0].tx_type
+        == expected["issue"][0]["details"]["coding"][0]["code"]
+    )
+
+
+@pytest.mark.parametrize(
+    "test", ["simple-coding-bad-language-vs", "simple-coding-bad-language-vslang"]
+)
+def test_the_value_set_language_is_the_default_display_language(
+    tx_engine: Engine, test: str
+) -> None:
+    request = _json(f"validation/{test}-request-parameters.json")
+    expected = _json(f"validation/{test}-response-parameters.json")
+    coding = _parameter(request, "coding")["valueCoding"]
+    with session_scope(tx_engine) as session:
+        answer = validate_coding(
+            session,
+            _parameter(request, "url")["valueUri"],
+            Coding(coding["system"], coding["code"], None, coding["display"]),
+        )
+    assert answer.result is _parameter(expected, "result")["valueBoolean"]
+    assert {(i.severity, i.code, i.tx_type) for i in answer.issues} == _issues(expected)
+
+
+def test_a_withdrawn_value_set_and_a_deprecated_code_system_are_reported(
+    tx_engine: Engine,
+) -> None:
+    expected = _json("deprecated/validate-not-withdrawn-response-parameters.json")
+    with session_scope(tx_engine) as session:
+        answer = validate_coding(
+            session,
+            VS + "not-withdrawn",
+            Coding("http://hl7.org/fhir/test/CodeSystem/deprecated", "code1"),
+        )
+    assert answer.result is _parameter(expected, "result")["valueBoolean"]
+    assert {(i.severity, i.code, i.tx_type) for i in answer.issues} == _issues(expected)
+
+
+def _parameter(parameters: dict[str, Any], name: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(
+        p for p in parameters["parameter"] if p["name"] == name
+    )
+    return found
+
+
+def _issues(parameters: dict[str, Any]) -> set[tuple[str, str, str]]:
+    outcome = next(
+        (p["resource"] for p in parameters["parameter"] if p["name"] == "issues"),
+        {"issue": []},
+    )
+    return {
+        (i["severity"], i["code"], i["details"]["coding"][0]["code"])
+        for i in outcome["issue"]
+    }
 
 
 def test_the_test_folder_is_there() -> None:

@@ -4,9 +4,10 @@ Revision ID: 0004
 Revises: 0003
 Create Date: 2026-12-03
 
-Every column is nullable: rows loaded before this revision read as "not stated", which
-is what their resources said as far as thodb kept them. Load the resources again to
-fill the new columns.
+Every column is nullable: rows loaded before this revision read as "not stated". The
+upgrade clears the content hash of every loaded code system and value set, so that the
+next ``thodb load`` of the same files rewrites them and fills the new columns (an
+unchanged file is otherwise skipped).
 
 - ``code_system`` / ``value_set``: ``language``, ``experimental``, ``standards_status``.
 - ``value_set``: ``compose_inactive`` (``compose.inactive``), ``supplements`` (the
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
+
+from thodb.db import schema_prefix
 
 revision = "0004"
 down_revision = "0003"
@@ -60,7 +63,12 @@ def _schema() -> str | None:
 def upgrade() -> None:
     for table, columns in _COLUMNS.items():
         for name, type_ in columns:
-            op.add_column(table, sa.Column(name, type_, nullable=True), schema=_schema())
+            op.add_column(
+                table, sa.Column(name, type_, nullable=True), schema=_schema()
+            )
+    p = schema_prefix(op.get_bind())
+    for table in ("code_system", "value_set"):
+        op.execute(f"UPDATE {p}{table} SET content_hash = ''")
 
 
 def downgrade() -> None:

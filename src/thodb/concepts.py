@@ -10,7 +10,7 @@ of the code system they supplement when a request names them.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -26,6 +26,7 @@ from thodb.models import (
     ConceptDesignation,
     ConceptParent,
     ConceptProperty,
+    ValueSetMember,
 )
 
 #: Rows per ``IN (...)`` list: below SQLite's default bound-parameter limit.
@@ -119,6 +120,11 @@ class CodeSystemInfo:
         return f"{self.url}|{self.version}" if self.version else self.url
 
 
+def info(row: CodeSystem) -> CodeSystemInfo:
+    """The :class:`CodeSystemInfo` of a ``code_system`` row."""
+    return _info(row)
+
+
 def _info(row: CodeSystem) -> CodeSystemInfo:
     return CodeSystemInfo(
         id=row.id,
@@ -152,16 +158,42 @@ def code_system_versions(session: Session, url: str) -> list[CodeSystemInfo]:
     )
 
 
+def code_system_versions_of(
+    session: Session, urls: Iterable[str]
+) -> dict[str, list[CodeSystemInfo]]:
+    """:func:`code_system_versions` of several code systems, in one statement."""
+    wanted = sorted({url for url in urls if storable(url)})
+    found: dict[str, list[CodeSystemInfo]] = {url: [] for url in wanted}
+    for part in chunks(wanted):
+        for row in session.scalars(
+            sa.select(CodeSystem).where(
+                CodeSystem.url.in_(part),
+                sa.func.coalesce(CodeSystem.content, "") != "supplement",
+            )
+        ):
+            found[row.url].append(_info(row))
+    for listed in found.values():
+        listed.sort(key=lambda cs: versions.sort_key(cs.version))
+    return found
+
+
+def pick_version(
+    found: Sequence[CodeSystemInfo], version: str | None
+) -> CodeSystemInfo | None:
+    """The one of ``found`` (versions of one code system) that ``version`` (a version or
+    pattern; the newest when ``None``) names, or ``None``."""
+    ok, picked = versions.resolve(version, [cs.version for cs in found])
+    if not ok:
+        return None
+    return next(cs for cs in found if cs.version == picked)
+
+
 def find_code_system(
     session: Session, url: str, version: str | None = None
 ) -> CodeSystemInfo | None:
     """The loaded code system ``url`` at ``version`` (a version or pattern; the newest
     when ``None``), or ``None`` when no loaded version matches."""
-    found = code_system_versions(session, url)
-    ok, picked = versions.resolve(version, [cs.version for cs in found])
-    if not ok:
-        return None
-    return next(cs for cs in found if cs.version == picked)
+    return pick_version(code_system_versions(session, url), version)
 
 
 def find_supplement(session: Session, reference: str) -> CodeSystemInfo | None:
@@ -202,7 +234,7 @@ def details(
     *,
     supplements: Sequence[int] = (),
     designations: bool = True,
-    properties: bool = True,
+    properties: bool | Collection[str] = True,
     hierarchy: bool = True,
 ) -> dict[str, ConceptDetails]:
     """The concepts of one code system with these codes, by code (exact match).
@@ -210,16 +242,23 @@ def details(
     :param supplements: ids of supplement code systems whose designations and
         properties are added.
     :param designations: read designations.
-    :param properties: read property values.
+    :param properties: read property values (given codes: only the properties with
+        these codes).
     :param hierarchy: read parent and child codes.
     """
     wanted = sorted(code for code in set(codes) if storable(code))
     found: dict[str, ConceptDetails] = {}
     for part in chunks(wanted):
-        for row in session.scalars(
-            sa.select(Concept).where(
-                Concept.code_system_id == code_system_id, Concept.code.in_(part)
-            )
+        for row in session.execute(
+            sa.select(
+                Concept.id,
+                Concept.code,
+                Concept.display,
+                Concept.definition,
+                Concept.status,
+                Concept.inactive,
+                Concept.abstract,
+            ).where(Concept.code_system_id == code_system_id, Concept.code.in_(part))
         ):
             found[row.code] = ConceptDetails(
                 id=row.id,
@@ -238,13 +277,122 @@ def details(
         for concept_id, designation in _designations(session, ids):
             by_id[concept_id].designations.append(designation)
     if properties:
-        for concept_id, prop in _properties(session, ids):
+        for concept_id, prop in _properties(session, ids, properties):
             by_id[concept_id].properties.append(prop)
     if hierarchy:
         _hierarchy(session, ids, by_id)
     if supplements and (designations or properties):
         _supplement(session, supplements, found, designations, properties)
     return found
+
+
+def member_details(
+    session: Session,
+    value_set_id: int,
+    *,
+    designations: bool = False,
+    properties: bool | Collection[str] = True,
+) -> dict[tuple[str, str | None, str], ConceptDetails]:
+    """:func:`details` of every member of a value set, by (system, version, code).
+
+    The members are read from ``value_set_member`` and joined to the code system
+    version each names (a member without version: the code system loaded without
+    one), so three statements at most answer for any number of members. Members of
+    code systems that are not loaded have no entry.
+    """
+    member = ValueSetMember
+    joined = (
+        sa.select(member.system, member.version, Concept.id)
+        .join(
+            CodeSystem,
+            sa.and_(
+                CodeSystem.url == member.system,
+                CodeSystem.version.is_not_distinct_from(member.version),
+                sa.func.coalesce(CodeSystem.content, "") != "supplement",
+            ),
+        )
+        .join(
+            Concept,
+            sa.and_(
+                Concept.code_system_id == CodeSystem.id, Concept.code == member.code
+            ),
+        )
+        .where(member.value_set_id == value_set_id)
+    )
+    by_id: dict[int, ConceptDetails] = {}
+    found: dict[tuple[str, str | None, str], ConceptDetails] = {}
+    for row in session.execute(
+        joined.add_columns(
+            Concept.code,
+            Concept.display,
+            Concept.definition,
+            Concept.status,
+            Concept.inactive,
+            Concept.abstract,
+        )
+    ):
+        entry = ConceptDetails(
+            id=row.id,
+            code=row.code,
+            display=row.display,
+            definition=row.definition,
+            status=row.status,
+            inactive=bool(row.inactive),
+            abstract=bool(row.abstract),
+        )
+        by_id[row.id] = entry
+        found[(row.system, row.version, row.code)] = entry
+    if designations and by_id:
+        for row in session.execute(
+            joined.join(ConceptDesignation, ConceptDesignation.concept_id == Concept.id)
+            .add_columns(
+                ConceptDesignation.value,
+                ConceptDesignation.language,
+                ConceptDesignation.use_system,
+                ConceptDesignation.use_code,
+                ConceptDesignation.standards_status,
+            )
+            .order_by(ConceptDesignation.id)
+        ):
+            by_id[row.id].designations.append(
+                Designation(
+                    row.value,
+                    row.language,
+                    row.use_system,
+                    row.use_code,
+                    row.standards_status,
+                )
+            )
+    if properties and by_id:
+        statement = joined.join(
+            ConceptProperty, ConceptProperty.concept_id == Concept.id
+        ).add_columns(
+            ConceptProperty.code.label("property_code"),
+            ConceptProperty.type,
+            ConceptProperty.value,
+            ConceptProperty.value_system,
+        )
+        if not isinstance(properties, bool):
+            statement = statement.where(ConceptProperty.code.in_(sorted(properties)))
+        for row in session.execute(statement.order_by(ConceptProperty.id)):
+            by_id[row.id].properties.append(
+                Property(row.property_code, row.type, row.value, row.value_system)
+            )
+    return found
+
+
+def add_supplements(
+    session: Session,
+    supplements: Sequence[int],
+    found: dict[str, ConceptDetails],
+    *,
+    designations: bool,
+    properties: bool | Collection[str],
+) -> None:
+    """Add the designations and properties that supplements give the concepts ``found``
+    (of one code system, by code)."""
+    if supplements and found and (designations or properties):
+        _supplement(session, supplements, found, designations, properties)
 
 
 def _designations(
@@ -275,19 +423,21 @@ def _designations(
             )
 
 
-def _properties(session: Session, ids: Sequence[int]) -> Iterator[tuple[int, Property]]:
+def _properties(
+    session: Session, ids: Sequence[int], only: bool | Collection[str] = True
+) -> Iterator[tuple[int, Property]]:
+    """Property values of the concepts ``ids``: all, or those whose code is in ``only``."""
     for part in chunks(ids):
-        for row in session.execute(
-            sa.select(
-                ConceptProperty.concept_id,
-                ConceptProperty.code,
-                ConceptProperty.type,
-                ConceptProperty.value,
-                ConceptProperty.value_system,
-            )
-            .where(ConceptProperty.concept_id.in_(part))
-            .order_by(ConceptProperty.id)
-        ):
+        statement = sa.select(
+            ConceptProperty.concept_id,
+            ConceptProperty.code,
+            ConceptProperty.type,
+            ConceptProperty.value,
+            ConceptProperty.value_system,
+        ).where(ConceptProperty.concept_id.in_(part))
+        if not isinstance(only, bool):
+            statement = statement.where(ConceptProperty.code.in_(sorted(only)))
+        for row in session.execute(statement.order_by(ConceptProperty.id)):
             yield (
                 row.concept_id,
                 Property(row.code, row.type, row.value, row.value_system),
@@ -320,7 +470,7 @@ def _supplement(
     supplements: Sequence[int],
     found: dict[str, ConceptDetails],
     designations: bool,
-    properties: bool,
+    properties: bool | Collection[str],
 ) -> None:
     extra: dict[str, list[int]] = defaultdict(list)
     for part in chunks(sorted(found)):
@@ -336,7 +486,7 @@ def _supplement(
         for concept_id, designation in _designations(session, ids):
             found[owner[concept_id]].designations.append(designation)
     if properties:
-        for concept_id, prop in _properties(session, ids):
+        for concept_id, prop in _properties(session, ids, properties):
             found[owner[concept_id]].properties.append(prop)
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
@@ -52,6 +52,7 @@ from thodb.languages import (
 )
 from thodb.models import (
     CodeSystem,
+    ComposeConcept,
     ComposeImport,
     ComposeRule,
     ValueSet,
@@ -788,13 +789,10 @@ def used_code_systems(
         .distinct()
     ).all()
     found = [
-        concepts.find_code_system(session, row.url, row.version)
+        concepts.info(row)
         for row in session.scalars(sa.select(CodeSystem).where(CodeSystem.id.in_(ids)))
     ]
-    return sorted(
-        (cs for cs in found if cs is not None),
-        key=lambda cs: (cs.url, versions.sort_key(cs.version)),
-    )
+    return sorted(found, key=lambda cs: (cs.url, versions.sort_key(cs.version)))
 
 
 def check_versions(used: Iterable[CodeSystemInfo], rules: VersionRules) -> None:
@@ -840,7 +838,7 @@ def expand(
     options = options or ExpandOptions()
     with version_scope(session, options.versions):
         value_set, members = _read_consistently(session, url, version, live)
-        return _expand(session, value_set, members, options)
+        return _expand(session, value_set, members, options, stored=not live)
 
 
 # How often to read a value set again when a load replaced it between two statements.
@@ -890,17 +888,36 @@ def default_language(value_set: ValueSet) -> LanguagePreference | None:
 
 
 def _expand(
-    session: Session, value_set: ValueSet, members: list[Member], options: ExpandOptions
+    session: Session,
+    value_set: ValueSet,
+    members: list[Member],
+    options: ExpandOptions,
+    *,
+    stored: bool,
 ) -> Expansion:
+    """The expansion of ``value_set`` from its ``members`` (``stored``: its
+    ``value_set_member`` rows, not a live computation)."""
     name = canonical(value_set.url, value_set.version)
     if options.language is None:
         options = replace(options, language=default_language(value_set))
     reached = closure(session, value_set.id)
     used = used_code_systems(session, reached)
     check_versions(used, options.versions)
-    supplements = [_supplement(session, reference) for reference in options.supplements]
+    supplements = [
+        _supplement(session, reference)
+        for reference in dict.fromkeys(
+            (*options.supplements, *(value_set.supplements or ()))
+        )
+    ]
 
-    members = _decorate(session, members, options, supplements)
+    members = _decorate(
+        session,
+        members,
+        options,
+        supplements,
+        listed_annotations(session, reached),
+        stored=value_set.id if stored else None,
+    )
     members = [m for m in members if _wanted(m, options)]
     total = len(members)
     paged = options.offset > 0 or options.count is not None
@@ -1012,41 +1029,137 @@ def _read_members(session: Session, value_set_id: int, live: bool) -> list[Membe
     ]
 
 
+@dataclass(frozen=True)
+class Annotation:
+    """What a value set's ``include.concept`` adds to a code: designations, properties."""
+
+    designations: tuple[Designation, ...] = ()
+    properties: tuple[Property, ...] = ()
+
+
+def listed_annotations(
+    session: Session,
+    value_set_ids: Sequence[int],
+    only: tuple[str, str] | None = None,
+) -> dict[tuple[str, str], Annotation]:
+    """The designations and extension properties that the includes of the value sets
+    ``value_set_ids`` give their enumerated codes, by (system, code).
+
+    :param only: (system, code) of the one code wanted.
+    """
+    found: dict[tuple[str, str], Annotation] = {}
+    statement = (
+        sa.select(
+            ComposeRule.system,
+            ComposeConcept.code,
+            ComposeConcept.designations,
+            ComposeConcept.properties,
+        )
+        .join(ComposeRule, ComposeRule.id == ComposeConcept.rule_id)
+        .where(
+            ComposeRule.value_set_id.in_(value_set_ids),
+            ComposeRule.kind == "include",
+            sa.or_(
+                ComposeConcept.designations.is_not(None),
+                ComposeConcept.properties.is_not(None),
+            ),
+        )
+        .order_by(ComposeConcept.id)
+    )
+    if only is not None:
+        statement = statement.where(
+            ComposeRule.system == only[0], ComposeConcept.code == only[1]
+        )
+    for row in session.execute(statement):
+        key = (str(row.system), str(row.code))
+        before = found.get(key, Annotation())
+        found[key] = Annotation(
+            before.designations
+            + tuple(
+                Designation(
+                    d["value"],
+                    d.get("language"),
+                    d.get("use_system"),
+                    d.get("use_code"),
+                )
+                for d in row.designations or ()
+            ),
+            before.properties
+            + tuple(
+                Property(p["code"], p["type"], p.get("value"))
+                for p in row.properties or ()
+            ),
+        )
+    return found
+
+
 def _decorate(
     session: Session,
     members: list[Member],
     options: ExpandOptions,
     supplements: list[CodeSystemInfo],
+    annotations: Mapping[tuple[str, str], Annotation],
+    stored: int | None = None,
 ) -> list[Member]:
-    """Add what the options ask for, and order the codes as their code systems do."""
+    """Add what the options ask for, and order the codes as their code systems do.
+
+    :param stored: the id of the value set whose ``value_set_member`` rows are
+        ``members``: their concepts are then read by joins, in a few statements.
+    """
     need_designations = bool(
         options.include_designations or options.language or options.filter
     )
+    wanted_properties = {*options.properties, *SHOWN_PROPERTIES}
     by_system: dict[tuple[str, str | None], list[Member]] = defaultdict(list)
     for member in members:
         by_system[(member.system, member.version)].append(member)
-    result: list[tuple[tuple[str, int, str], Member]] = []
-    for (system, version), group in by_system.items():
-        cs = (
-            concepts.find_code_system(session, system, version)
-            if version
-            else (concepts.find_code_system(session, system))
+    joined = (
+        concepts.member_details(
+            session,
+            stored,
+            designations=need_designations,
+            properties=wanted_properties,
         )
+        if stored is not None
+        else None
+    )
+    result: list[tuple[tuple[str, int, str], Member]] = []
+    loaded = concepts.code_system_versions_of(session, {s for s, _ in by_system})
+    for (system, version), group in by_system.items():
+        cs = concepts.pick_version(loaded.get(system, []), version)
         found: dict[str, ConceptDetails] = {}
         language = cs.language if cs is not None else None
         if cs is not None and cs.version == version:
-            found = concepts.details(
-                session,
-                cs.id,
-                [m.code for m in group],
-                supplements=concepts.supplements_of(session, supplements, cs),
-                designations=need_designations,
-                properties=True,
-                hierarchy=False,
-            )
+            applied = concepts.supplements_of(session, supplements, cs)
+            if joined is None:
+                found = concepts.details(
+                    session,
+                    cs.id,
+                    [m.code for m in group],
+                    supplements=applied,
+                    designations=need_designations,
+                    properties=wanted_properties,
+                    hierarchy=False,
+                )
+            else:
+                found = {
+                    m.code: joined[(system, version, m.code)]
+                    for m in group
+                    if (system, version, m.code) in joined
+                }
+                concepts.add_supplements(
+                    session,
+                    applied,
+                    found,
+                    designations=need_designations,
+                    properties=wanted_properties,
+                )
         for member in group:
             details = found.get(member.code)
             order = details.id if details is not None else 1 << 62
+            annotation = annotations.get((system, member.code))
+            if annotation is not None and details is not None:
+                details = annotated(details, annotation)
             result.append(
                 (
                     (system, order, member.code),
@@ -1055,6 +1168,22 @@ def _decorate(
             )
     result.sort(key=lambda item: item[0])
     return [member for _, member in result]
+
+
+def annotated(details: ConceptDetails, annotation: Annotation) -> ConceptDetails:
+    """``details`` with the value set's designations added and its properties winning."""
+    given = {p.code for p in annotation.properties}
+    return replace(
+        details,
+        designations=[
+            *details.designations,
+            *(d for d in annotation.designations if d not in details.designations),
+        ],
+        properties=[
+            *annotation.properties,
+            *(p for p in details.properties if p.code not in given),
+        ],
+    )
 
 
 def _dress(
@@ -1097,11 +1226,22 @@ def _dress(
     properties += [p for p in details.properties if p.code in shown]
     if details.status is not None and not any(p.code == "status" for p in properties):
         properties.append(Property("status", "code", details.status))
+    definition = details.definition if options.include_definition else None
+    if (
+        display == member.display
+        and details.status == member.status
+        and definition == member.definition
+        and not designations
+        and not properties
+        and not member.designations
+        and not member.properties
+    ):
+        return member  # nothing to add: most members of most expansions
     return replace(
         member,
         display=display,
         status=details.status,
-        definition=details.definition if options.include_definition else None,
+        definition=definition,
         designations=designations,
         properties=tuple(properties),
     )

@@ -207,10 +207,12 @@ class ValueSet(Base):
     #: ``compose.inactive``: False leaves inactive codes out of the membership.
     compose_inactive: Mapped[bool | None] = mapped_column(Boolean)
     #: Canonicals of the ``valueset-supplement`` extensions: supplements it applies.
-    supplements: Mapped[list[str] | None] = mapped_column(JSON)
+    supplements: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
     #: ``valueset-expansion-parameter`` extensions on ``compose``, as
     #: ``[[name, value], ...]``: defaults for the ``$expand`` parameters.
-    expansion_parameters: Mapped[list[list[str]] | None] = mapped_column(JSON)
+    expansion_parameters: Mapped[list[list[str]] | None] = mapped_column(
+        JSON(none_as_null=True)
+    )
     content_hash: Mapped[str] = mapped_column(String(64))
     source: Mapped[str] = mapped_column(Text)
     #: ``expanded`` or ``not-expandable``; set by every load.
@@ -283,10 +285,14 @@ class ComposeConcept(Base):
     display: Mapped[str | None] = mapped_column(Text)
     #: ``include.concept.designation``, as ``[{"language", "use_system", "use_code",
     #: "value"}, ...]``.
-    designations: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    designations: Mapped[list[dict[str, Any]] | None] = mapped_column(
+        JSON(none_as_null=True)
+    )
     #: Properties the value set gives the code by extension (``valueset-label``,
     #: ``valueset-conceptOrder``, ``itemWeight``), as ``[{"code", "type", "value"}]``.
-    properties: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    properties: Mapped[list[dict[str, Any]] | None] = mapped_column(
+        JSON(none_as_null=True)
+    )
     #: ``deprecated`` (``valueset-deprecated``) or the standards-status extension: the
     #: status of the code's presence in this value set.
     standards_status: Mapped[str | None] = mapped_column(String(16))

@@ -30,13 +30,20 @@ from thodb.concepts import CodeSystemInfo, ConceptDetails, Property
 from thodb.errors import NotFoundError
 from thodb.expand import (
     ValueSetNotExpandable,
+    annotated,
     closure,
     default_language,
     find_value_set,
+    listed_annotations,
     problem_of,
     version_scope,
 )
-from thodb.languages import Designation, LanguagePreference, pick_display
+from thodb.languages import (
+    PREFERRED_FOR_LANGUAGE,
+    Designation,
+    LanguagePreference,
+    pick_display,
+)
 from thodb.models import (
     ComposeConcept,
     ComposeRule,
@@ -310,6 +317,10 @@ _FLAGGED_STANDARDS_STATUS = {
     "deprecated": "MSG_DEPRECATED",
     "withdrawn": "MSG_WITHDRAWN",
 }
+
+
+# Designation statuses that make a designation no longer a correct display.
+_NO_LONGER_VALID = frozenset({"deprecated", "withdrawn", "retired"})
 
 
 class _Validator:
@@ -656,6 +667,11 @@ class _Validator:
                 "CODE_CASE_DIFFERENCE",
             )
         details = self._with_supplements(cs, details)
+        annotation = listed_annotations(
+            self.session, self.scope.reached, (cs.url, actual)
+        ).get((cs.url, actual))
+        if annotation is not None:
+            details = annotated(details, annotation)
         if member_check and self.scope.is_member(self.options.versions, cs, actual):
             if details.abstract and not self.options.abstract_ok:
                 self.add(
@@ -682,7 +698,12 @@ class _Validator:
         else:
             found.outcome = False
             vs = self.scope.value_set
-            if member_check and details.inactive and vs and vs.compose_inactive is False:
+            if (
+                member_check
+                and details.inactive
+                and vs
+                and vs.compose_inactive is False
+            ):
                 # The compose would take the code but leaves inactive codes out.
                 self.add(
                     "error",
@@ -728,16 +749,17 @@ class _Validator:
         given = str(coding.display)
         preference = self.options.language
         severity = "warning" if self.options.lenient_display else "error"
-        everything = _texts(details.display, details.designations)
+        current = [d for d in details.designations if d.status not in _NO_LONGER_VALID]
+        everything = _texts(details.display, current)
         if not preference:
             if _contains(everything, given):
+                return
+            if self._no_longer_valid(coding, details, where):
                 return
             self._wrong_display(coding, details, where, severity, language)
             return
         # A display of a code system that states no language is taken to be in any.
-        requested = [
-            d.value for d in details.designations if preference.accepts(d.language)
-        ]
+        requested = [d.value for d in current if preference.accepts(d.language)]
         if details.display is not None and (
             language is None or preference.accepts(language)
         ):
@@ -755,7 +777,33 @@ class _Validator:
                 "NO_VALID_DISPLAY_FOUND_NONE_FOR_LANG_OK",
             )
             return
+        if self._no_longer_valid(coding, details, where):
+            return
         self._wrong_display(coding, details, where, severity, language)
+
+    def _no_longer_valid(
+        self, coding: Coding, details: ConceptDetails, where: str
+    ) -> bool:
+        """Warn when the display is a designation marked deprecated or withdrawn."""
+        given = str(coding.display)
+        old = [
+            d
+            for d in details.designations
+            if d.status in _NO_LONGER_VALID and _contains([d.value], given)
+        ]
+        if not old:
+            return False
+        self.add(
+            "warning",
+            "invalid",
+            "display-comment",
+            f"{given!r} is no longer a correct display for {coding.system}#"
+            f"{coding.code} (it is {old[0].status}); the display is "
+            f"{details.display!r}",
+            path(where, "display"),
+            "INACTIVE_DISPLAY_FOUND",
+        )
+        return True
 
     def _wrong_display(
         self,
@@ -996,10 +1044,23 @@ def _supplements(session: Session, options: ValidateOptions) -> None:
             )
 
 
-def _defaults(options: ValidateOptions, value_set: ValueSet) -> ValidateOptions:
-    """``options`` with what the value set states for what the request leaves open."""
+def _defaults(
+    session: Session, options: ValidateOptions, value_set: ValueSet
+) -> ValidateOptions:
+    """``options`` with what the value set states for what the request leaves open.
+
+    :raises TerminologyError: when a supplement it names is not loaded.
+    """
     if options.language is None:
         options = replace(options, language=default_language(value_set))
+    if value_set.supplements:
+        options = replace(
+            options,
+            supplements=tuple(
+                dict.fromkeys((*options.supplements, *value_set.supplements))
+            ),
+        )
+    _supplements(session, options)
     return options
 
 
@@ -1070,7 +1131,9 @@ def validate_concept(
         for _ in range(_READ_ATTEMPTS):
             value_set = find_value_set(session, url, version)
             scope = _value_set_scope(session, value_set)
-            answer = _run(session, scope, codings, mode, _defaults(options, value_set))
+            answer = _run(
+                session, scope, codings, mode, _defaults(session, options, value_set)
+            )
             # Under PostgreSQL's READ COMMITTED a load may replace the value set between
             # two reads; a sequence never gives an id twice, so its row still being
             # there proves it was not. (A SQLite reader sees one snapshot throughout.)
@@ -1216,6 +1279,11 @@ def lookup(
         if d.display is not None
     }
     designations = list(details.designations)
+    if cs.language and details.display is not None:
+        # The display is the concept's designation in the code system's language.
+        designations.insert(
+            0, Designation(details.display, cs.language, *PREFERRED_FOR_LANGUAGE)
+        )
     sources: dict[int, str] = {}
     for supplement in used:
         extra = concepts.details(session, supplement.id, [actual], hierarchy=False).get(

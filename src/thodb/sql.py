@@ -286,7 +286,9 @@ member(value_set_id, system, code, display, version, inactive, abstract) AS (
     -- An include whose value sets were expanded in an earlier pass: the members of the
     -- first that are also in the others and in the system part, with the smallest
     -- display any of them gives.
-    SELECT r.value_set_id, m.system, m.code, """ + _SMALLEST_DISPLAY + """, m.version,
+    SELECT r.value_set_id, m.system, m.code, """
+    + _SMALLEST_DISPLAY
+    + """, m.version,
            m.inactive, m.abstract
     FROM {p}compose_rule r
     JOIN target t ON t.value_set_id = r.value_set_id
@@ -310,7 +312,9 @@ member(value_set_id, system, code, display, version, inactive, abstract) AS (
     UNION
     -- An include of exactly one value set of this statement: its members, again, with
     -- the system part's display where that is smaller.
-    SELECT r.value_set_id, m.system, m.code, """ + _SMALLER_RULE_DISPLAY + """,
+    SELECT r.value_set_id, m.system, m.code, """
+    + _SMALLER_RULE_DISPLAY
+    + """,
            m.version, m.inactive, m.abstract
     FROM member m
     JOIN {p}compose_import i ON i.value_set_id = m.value_set_id

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from thodb.canonical import split_canonical
@@ -426,7 +426,7 @@ def _concepts(
         for j, designation in enumerate(reader.objects(obj, "designation", path)):
             dpath = f"{path}.designation[{j}]"
             raw_use = designation.get("use")
-            use: dict[str, Any] = raw_use if isinstance(raw_use, dict) else {}
+            raw_use if isinstance(raw_use, dict) else {}
             concept.designations.append(_designation(reader, designation, dpath))
         for j, prop in enumerate(reader.objects(obj, "property", path)):
             ppath = f"{path}.property[{j}]"
