@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy.engine import Engine
 
+from conftest import table_checksums
 from reference import Terminology
 from thodb.cli import main
 from thodb.seed import IMAGE_REFERENCE_TYPE, seeds_path
@@ -231,3 +232,129 @@ def test_an_unreachable_database_is_one_line_without_the_password() -> None:
         "thodb: error: cannot connect to postgresql+psycopg://u:***@"
     )
     assert "s3cret" not in result.stderr + result.stdout
+
+
+def test_expand_options_page_filter_and_leave_out_inactive_codes(
+    seeded_url: str,
+) -> None:
+    expected = Terminology.from_paths(seeds_path()).expand(IMAGE_REFERENCE_TYPE)
+    base = ["--database-url", seeded_url, "expand", IMAGE_REFERENCE_TYPE]
+
+    active = _run(*base, "--active-only", "--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(active.stdout)))
+    assert {(r["system"], r["code"]) for r in rows} == {
+        key for key, member in expected.items() if not member.inactive
+    }
+
+    page = json.loads(
+        _run(*base, "--offset", "10", "--count", "5", "--format", "json").stdout
+    )
+    assert (page["total"], page["offset"], len(page["contains"])) == (
+        len(expected),
+        10,
+        5,
+    )
+
+    # Every word of the filter begins a word of the display (the seeds' value sets give
+    # the displays of codes whose code systems are not loaded).
+    words = re.compile(r"\w+")
+    liver = {
+        key
+        for key, member in expected.items()
+        if any(
+            w.startswith("liver") for w in words.findall((member.display or "").lower())
+        )
+    }
+    found = json.loads(_run(*base, "--filter", "liver", "--format", "json").stdout)
+    assert liver and {(c["system"], c["code"]) for c in found["contains"]} == liver
+
+    bad = _run(*base, "--display-language", "-")
+    assert bad.exit_code == 2 and "--display-language" in bad.stderr
+
+
+def _tx_database(fresh_engine: Engine, *names: str) -> str:
+    from thodb.load import load
+
+    load(fresh_engine, [TX / name for name in names])
+    return _url(fresh_engine)
+
+
+TX = ROOT.parent / "shared" / "tx-tests"
+
+
+def test_operation_answers_fhir_parameters_as_a_server_does(
+    fresh_engine: Engine,
+) -> None:
+    url = _tx_database(
+        fresh_engine,
+        "simple/codesystem-simple.json",
+        "simple/valueset-all.json",
+        "simple/valueset-filter-isa.json",
+    )
+    before = table_checksums(fresh_engine)
+
+    def expected_codes(name: str) -> set[str]:
+        def walk(entries: list[dict[str, object]]) -> set[str]:
+            return {str(e["code"]) for e in entries} | {
+                c
+                for e in entries
+                for c in walk(e.get("contains", []))  # type: ignore[arg-type]
+            }
+
+        response = json.loads((TX / name).read_text(encoding="utf-8-sig"))
+        return walk(response["expansion"]["contains"])
+
+    # An inline value set that imports a contained one: loaded for this request only.
+    request = TX / "simple/simple-expand-contained-request-parameters.json"
+    answer = _run("--database-url", url, "operation", "expand", str(request))
+    assert answer.exit_code == 0
+    contains = json.loads(answer.stdout)["expansion"]["contains"]
+    assert {c["code"] for c in contains} == expected_codes(
+        "simple/simple-expand-contained-response-valueSet.json"
+    )
+    assert table_checksums(fresh_engine) == before
+
+    request = TX / "simple/simple-expand-all-request-parameters.json"
+    answer = _run("--database-url", url, "operation", "expand", str(request))
+    assert answer.exit_code == 0
+    contains = json.loads(answer.stdout)["expansion"]["contains"]
+    codes = {c["code"] for c in contains} | {
+        c["code"] for e in contains for c in e.get("contains", [])
+    }
+    assert codes == expected_codes("simple/simple-expand-all-response-valueSet.json")
+
+    request = TX / "validation/simple-code-bad-code-request-parameters.json"
+    expected = json.loads(
+        (TX / "validation/simple-code-bad-code-response-parameters.json").read_text(
+            encoding="utf-8-sig"
+        )
+    )
+    answer = _run("--database-url", url, "operation", "validate-code", str(request))
+    result = next(
+        p for p in json.loads(answer.stdout)["parameter"] if p["name"] == "result"
+    )
+    wanted = next(p for p in expected["parameter"] if p["name"] == "result")
+    assert result["valueBoolean"] is wanted["valueBoolean"] is False
+    assert answer.exit_code == 1
+
+
+def test_operation_refuses_what_is_not_a_parameters_resource(
+    fresh_engine: Engine, tmp_path: Path
+) -> None:
+    url = _tx_database(fresh_engine, "simple/codesystem-simple.json")
+    not_json = tmp_path / "request.json"
+    not_json.write_text("{ nope")
+    answer = _run("--database-url", url, "operation", "expand", str(not_json))
+    assert answer.exit_code == 2
+    assert answer.stderr.startswith(f"thodb: error: {not_json}: not a JSON document")
+
+    code_system = TX / "simple/codesystem-simple.json"
+    answer = CliRunner().invoke(
+        main,
+        ["--database-url", url, "operation", "lookup", "-"],
+        input=code_system.read_bytes(),
+    )
+    assert answer.exit_code == 2
+    assert answer.stderr == (
+        "thodb: error: stdin: resourceType: expected a FHIR Parameters resource\n"
+    )

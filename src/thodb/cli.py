@@ -13,10 +13,8 @@ import logging
 import re
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 import click
@@ -29,13 +27,16 @@ from thodb import stats as stats_mod
 from thodb.canonical import split_canonical
 from thodb.db import check_connection, create_engine, safe_url, session_scope
 from thodb.errors import ThodbError
-from thodb.expand import Expansion
+from thodb.expand import ExpandOptions, Member
 from thodb.expand import expand as expand_value_set
+from thodb.fhir import operations as fhir_operations
 from thodb.fhir.resources import DEFAULT_CANONICAL_BASE
+from thodb.languages import LanguagePreference
 from thodb.load import LoadSummary
 from thodb.load import load as load_paths
 from thodb.seed import seeds_path
 from thodb.subsumes import subsumes
+from thodb.versions import VersionRules
 
 EXIT_ERROR = 2
 
@@ -52,6 +53,12 @@ class _State:
             self._engine = create_engine(self.url)
             check_connection(self._engine)
         return self._engine
+
+    def close(self) -> None:
+        """Close the engine's connections (the command is done)."""
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
 
 
 class _Group(click.Group):
@@ -140,6 +147,7 @@ def main(
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     ctx.obj = _State(database_url, debug, quiet)
+    ctx.call_on_close(ctx.obj.close)
 
 
 def _state() -> _State:
@@ -331,6 +339,22 @@ def db_current() -> None:
 # --- queries -------------------------------------------------------------------------
 
 
+def _language_option(value: str | None) -> LanguagePreference | None:
+    if value is None:
+        return None
+    try:
+        return LanguagePreference.parse(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--display-language") from None
+
+
+_DISPLAY_LANGUAGE_HELP = (
+    "Displays in this language where the code system has them, as displayLanguage "
+    "or Accept-Language (e.g. 'de' or 'de, en;q=0.5'). Default: the value set's "
+    "language, else the code systems' displays."
+)
+
+
 @main.command()
 @click.argument("value_set")
 @click.option(
@@ -340,23 +364,98 @@ def db_current() -> None:
     default="table",
     show_default=True,
     help="table: aligned columns; csv: header system,code,display,inactive; json; "
-    "fhir: a ValueSet with expansion.contains.",
+    "fhir: the ValueSet that $expand returns.",
 )
 @click.option(
     "--live",
     is_flag=True,
     help="Compute the expansion from the compose now instead of reading the stored one.",
 )
-def expand(value_set: str, fmt: str, live: bool) -> None:
+@click.option(
+    "--active-only", is_flag=True, help="Leave out inactive codes (activeOnly)."
+)
+@click.option(
+    "--filter",
+    "text_filter",
+    metavar="TEXT",
+    help="Only codes whose display or designations have words starting with every "
+    "word of TEXT (filter).",
+)
+@click.option("--display-language", metavar="LANGUAGES", help=_DISPLAY_LANGUAGE_HELP)
+@click.option(
+    "--include-designations",
+    is_flag=True,
+    help="Give each code's designations (includeDesignations; json and fhir formats).",
+)
+@click.option(
+    "--offset", type=click.IntRange(min=0), default=0, help="Codes to skip (offset)."
+)
+@click.option(
+    "--count",
+    type=click.IntRange(min=0),
+    help="Codes to return at most (count); 0 gives the total only.",
+)
+@click.option(
+    "--supplement",
+    "supplements",
+    multiple=True,
+    metavar="CANONICAL",
+    help="Apply this loaded code system supplement (useSupplement; repeatable).",
+)
+@click.option(
+    "--system-version",
+    "system_versions",
+    multiple=True,
+    metavar="URL|VERSION",
+    help="The code system version to use where the value set names none (repeatable).",
+)
+@click.option(
+    "--force-system-version",
+    "force_versions",
+    multiple=True,
+    metavar="URL|VERSION",
+    help="The code system version to use whatever the value set says (repeatable).",
+)
+def expand(
+    value_set: str,
+    fmt: str,
+    live: bool,
+    active_only: bool,
+    text_filter: str | None,
+    display_language: str | None,
+    include_designations: bool,
+    offset: int,
+    count: int | None,
+    supplements: tuple[str, ...],
+    system_versions: tuple[str, ...],
+    force_versions: tuple[str, ...],
+) -> None:
     """Expand VALUE_SET (a canonical url, optionally url|version).
 
+    Every $expand parameter, tx-resource and inline value sets included, is available
+    through `thodb operation expand`.
+
     \b
-    Example:
+    Examples:
       thodb expand http://terminology.hl7.org/ValueSet/image-reference-type --format csv
+      thodb expand http://terminology.hl7.org/ValueSet/image-reference-type \\
+          --filter liver --count 5 --format json
     """
     url, version = split_canonical(value_set)
+    options = ExpandOptions(
+        active_only=active_only,
+        include_designations=include_designations,
+        language=_language_option(display_language),
+        filter=text_filter,
+        offset=offset,
+        count=count,
+        supplements=supplements,
+        versions=VersionRules.from_canonicals(
+            default=system_versions, force=force_versions
+        ),
+    )
     with _session() as session:
-        expansion = expand_value_set(session, url, version, live=live)
+        expansion = expand_value_set(session, url, version, live=live, options=options)
     out = sys.stdout
     if fmt == "csv":
         writer = csv.writer(out, lineterminator="\n")
@@ -371,20 +470,18 @@ def expand(value_set: str, fmt: str, live: bool) -> None:
                 "url": expansion.url,
                 "version": expansion.version,
                 "total": expansion.total,
+                "offset": expansion.offset,
                 "contains": [
-                    {
-                        "system": m.system,
-                        "code": m.code,
-                        "display": m.display,
-                        "version": m.version,
-                        "inactive": m.inactive,
-                    }
-                    for m in expansion.contains
+                    _json_member(m, include_designations) for m in expansion.contains
                 ],
             }
         )
     elif fmt == "fhir":
-        _print_json(_fhir_expansion(expansion))
+        _print_json(
+            fhir_operations.expansion_resource(
+                expansion, paged=offset > 0 or count is not None
+            )
+        )
     else:
         _print_table(
             ["system", "code", "display", "inactive"],
@@ -393,34 +490,28 @@ def expand(value_set: str, fmt: str, live: bool) -> None:
                 for m in expansion.contains
             ],
         )
-    _status(f"{expansion.total} codes")
+    shown = len(expansion.contains)
+    _status(
+        f"{expansion.total} codes"
+        if shown == expansion.total
+        else f"{shown} of {expansion.total} codes"
+    )
 
 
-def _fhir_expansion(expansion: Expansion) -> dict[str, Any]:
-    contains = []
-    for m in expansion.contains:
-        entry: dict[str, Any] = {"system": m.system}
-        if m.version:
-            entry["version"] = m.version
-        entry["code"] = m.code
-        if m.display is not None:
-            entry["display"] = m.display
-        if m.inactive:
-            entry["inactive"] = True
-        if m.abstract:
-            entry["abstract"] = True
-        contains.append(entry)
-    resource: dict[str, Any] = {"resourceType": "ValueSet", "url": expansion.url}
-    if expansion.version:
-        resource["version"] = expansion.version
-    resource["status"] = "active"
-    resource["expansion"] = {
-        "identifier": f"urn:uuid:{uuid.uuid4()}",
-        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-        "total": expansion.total,
-        "contains": contains,
+def _json_member(member: Member, designations: bool) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "system": member.system,
+        "code": member.code,
+        "display": member.display,
+        "version": member.version,
+        "inactive": member.inactive,
     }
-    return resource
+    if designations:
+        entry["designations"] = [
+            {"language": d.language, "use": d.use_code, "value": d.value}
+            for d in member.designations
+        ]
+    return entry
 
 
 @main.command("validate-code")
@@ -429,15 +520,31 @@ def _fhir_expansion(expansion: Expansion) -> dict[str, Any]:
 @click.option("--code", required=True, help="The code.")
 @click.option("--display", help="A display to check against the expansion's display.")
 @click.option(
+    "--system-version",
+    metavar="VERSION",
+    help="The version of the code system the code is from.",
+)
+@click.option("--display-language", metavar="LANGUAGES", help=_DISPLAY_LANGUAGE_HELP)
+@click.option(
+    "--active-only", is_flag=True, help="An inactive code is not valid (activeOnly)."
+)
+@click.option(
     "--format",
     "fmt",
     type=click.Choice(["text", "json", "fhir"]),
     default="text",
     show_default=True,
-    help="fhir: a Parameters resource as $validate-code returns.",
+    help="fhir: the Parameters resource that $validate-code returns, with its issues.",
 )
 def validate_code(
-    value_set: str, system: str, code: str, display: str | None, fmt: str
+    value_set: str,
+    system: str,
+    code: str,
+    display: str | None,
+    system_version: str | None,
+    display_language: str | None,
+    active_only: bool,
+    fmt: str,
 ) -> None:
     """Check that a code is in VALUE_SET: exit 0 member, 1 not a member, 2 error.
 
@@ -447,9 +554,19 @@ def validate_code(
           --system http://dicom.nema.org/resources/ontology/DCM --code 121191
     """
     url, version = split_canonical(value_set)
+    options = query.ValidateOptions(
+        active_only=active_only, language=_language_option(display_language)
+    )
     with _session() as session:
         answer = query.validate_code(
-            session, url, system=system, code=code, display=display, version=version
+            session,
+            url,
+            system=system,
+            code=code,
+            display=display,
+            version=version,
+            system_version=system_version,
+            options=options,
         )
     if fmt == "text":
         if answer.result:
@@ -461,33 +578,28 @@ def validate_code(
             )
         else:
             click.echo(printable(f"not a member: {answer.message}"))
+    elif fmt == "fhir":
+        _print_json(fhir_operations.validation_resource(answer, mode="code"))
     else:
-        parameters: list[dict[str, Any]] = [
-            {"name": "result", "valueBoolean": answer.result}
-        ]
-        parameters += [
-            {"name": "code", "valueCode": answer.code},
-            {"name": "system", "valueUri": answer.system},
-        ]
-        if answer.display is not None:
-            parameters.append({"name": "display", "valueString": answer.display})
-        if answer.inactive:
-            parameters.append({"name": "inactive", "valueBoolean": True})
-        if answer.message:
-            parameters.append({"name": "message", "valueString": answer.message})
-        if fmt == "fhir":
-            _print_json({"resourceType": "Parameters", "parameter": parameters})
-        else:
-            _print_json(
-                {
-                    "result": answer.result,
-                    "system": answer.system,
-                    "code": answer.code,
-                    "display": answer.display,
-                    "inactive": answer.inactive,
-                    "message": answer.message,
-                }
-            )
+        _print_json(
+            {
+                "result": answer.result,
+                "system": answer.system,
+                "code": answer.code,
+                "display": answer.display,
+                "inactive": answer.inactive,
+                "message": answer.message,
+                "issues": [
+                    {
+                        "severity": i.severity,
+                        "code": i.code,
+                        "type": i.tx_type,
+                        "text": i.text,
+                    }
+                    for i in answer.issues
+                ],
+            }
+        )
     sys.exit(0 if answer.result else 1)
 
 
@@ -676,3 +788,7 @@ main.add_command(grant_reader)
 from thodb.cli_conformance import conformance  # noqa: E402
 
 main.add_command(conformance)
+
+from thodb.cli_operation import operation  # noqa: E402
+
+main.add_command(operation)
