@@ -295,28 +295,14 @@ def member_details(
 ) -> dict[tuple[str, str | None, str], ConceptDetails]:
     """:func:`details` of every member of a value set, by (system, version, code).
 
-    The members are read from ``value_set_member`` and joined to the code system
-    version each names (a member without version: the code system loaded without
-    one), so three statements at most answer for any number of members. Members of
-    code systems that are not loaded have no entry.
+    The members are read from ``value_set_member`` and joined to their concepts by
+    ``concept_id``, so three statements at most answer for any number of members.
+    Members of code systems that are not loaded have no entry.
     """
     member = ValueSetMember
     joined = (
         sa.select(member.system, member.version, Concept.id)
-        .join(
-            CodeSystem,
-            sa.and_(
-                CodeSystem.url == member.system,
-                CodeSystem.version.is_not_distinct_from(member.version),
-                sa.func.coalesce(CodeSystem.content, "") != "supplement",
-            ),
-        )
-        .join(
-            Concept,
-            sa.and_(
-                Concept.code_system_id == CodeSystem.id, Concept.code == member.code
-            ),
-        )
+        .join(Concept, Concept.id == member.concept_id)
         .where(member.value_set_id == value_set_id)
     )
     by_id: dict[int, ConceptDetails] = {}

@@ -31,6 +31,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -276,7 +277,17 @@ class ComposeConcept(Base):
     """An enumerated code of a rule (``include.concept``), with the display it gives."""
 
     __tablename__ = "compose_concept"
-    __table_args__ = (Index(None, "rule_id", "code"),)
+    __table_args__ = (
+        Index(None, "rule_id", "code"),
+        # The few enumerated codes that a value set annotates (designations,
+        # properties): found without reading every enumerated code of the value set.
+        Index(
+            "ix_compose_concept_annotated",
+            "rule_id",
+            postgresql_where=text("designations IS NOT NULL OR properties IS NOT NULL"),
+            sqlite_where=text("designations IS NOT NULL OR properties IS NOT NULL"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     rule_id: Mapped[int] = mapped_column(_fk("compose_rule.id"))
@@ -343,6 +354,9 @@ class ComposeRuleCode(Base):
     version: Mapped[str | None] = mapped_column(Text)
     inactive: Mapped[bool] = mapped_column(Boolean)
     abstract: Mapped[bool] = mapped_column(Boolean)
+    #: The concept, when the code system is loaded (no foreign key: the row is
+    #: recomputed with every load, in the same transaction).
+    concept_id: Mapped[int | None] = mapped_column(Integer)
 
 
 class ValueSetMember(Base):
@@ -359,6 +373,9 @@ class ValueSetMember(Base):
     display: Mapped[str | None] = mapped_column(Text)
     inactive: Mapped[bool] = mapped_column(Boolean)
     abstract: Mapped[bool] = mapped_column(Boolean)
+    #: The concept, when the code system is loaded: its designations, properties and
+    #: place in the code system's order (no foreign key, as in ComposeRuleCode).
+    concept_id: Mapped[int | None] = mapped_column(Integer)
 
 
 Index("ix_value_set_member_system_code", ValueSetMember.system, ValueSetMember.code)

@@ -165,14 +165,15 @@ whole_system_rule(rule_id) AS MATERIALIZED (
       AND NOT EXISTS (SELECT 1 FROM {p}compose_filter f WHERE f.rule_id = r.id)
 )
 INSERT INTO {p}compose_rule_code
-    (rule_id, system, code, display, version, inactive, abstract)
+    (rule_id, system, code, display, version, inactive, abstract, concept_id)
 -- A concept list: its codes, whether or not their code system is loaded; but a code that
 -- a loaded complete code system does not have is not a code (HL7 tx: enum-bad).
 SELECT r.id, r.system, k.code,
        MIN(COALESCE(c.display, k.display)),
        MIN(COALESCE(cs.version, r.version)),
        COALESCE(MAX(CASE WHEN c.inactive THEN 1 ELSE 0 END), 0) = 1,
-       COALESCE(MAX(CASE WHEN c.abstract THEN 1 ELSE 0 END), 0) = 1
+       COALESCE(MAX(CASE WHEN c.abstract THEN 1 ELSE 0 END), 0) = 1,
+       MIN(c.id)
 FROM {p}compose_concept k
 JOIN {p}compose_rule r ON r.id = k.rule_id
 LEFT JOIN {p}concept c ON c.code_system_id = r.code_system_id AND c.code = k.code
@@ -181,7 +182,7 @@ WHERE c.id IS NOT NULL OR COALESCE(cs.content, '') <> 'complete'
 GROUP BY r.id, r.system, k.code
 UNION ALL
 -- Filters: the concepts that the first filter matches and every other filter too.
-SELECT r.id, r.system, c.code, c.display, cs.version, c.inactive, c.abstract
+SELECT r.id, r.system, c.code, c.display, cs.version, c.inactive, c.abstract, c.id
 FROM {p}compose_rule r
 JOIN {p}code_system cs ON cs.id = r.code_system_id
 JOIN {p}compose_filter f0 ON f0.rule_id = r.id AND f0.position = 0
@@ -194,7 +195,7 @@ WHERE NOT EXISTS (
                       WHERE m.filter_id = f.id AND m.concept_id = c.id))
 UNION ALL
 -- Neither: the whole code system.
-SELECT r.id, r.system, c.code, c.display, cs.version, c.inactive, c.abstract
+SELECT r.id, r.system, c.code, c.display, cs.version, c.inactive, c.abstract, c.id
 FROM whole_system_rule w
 JOIN {p}compose_rule r ON r.id = w.rule_id
 JOIN {p}code_system cs ON cs.id = r.code_system_id
@@ -268,10 +269,11 @@ _SMALLER_RULE_DISPLAY = """COALESCE((
 # extra and bounds the recursion by the number of distinct rows.
 _MEMBERS = (
     """
-member(value_set_id, system, code, display, version, inactive, abstract) AS (
+member(value_set_id, system, code, display, version, inactive, abstract,
+       concept_id) AS (
     -- An include without valueSet: the codes of its system part.
     SELECT r.value_set_id, m.system, m.code, m.display, m.version, m.inactive,
-           m.abstract
+           m.abstract, m.concept_id
     FROM {p}compose_rule r
     JOIN target t ON t.value_set_id = r.value_set_id
     JOIN {p}compose_rule_code m ON m.rule_id = r.id
@@ -289,7 +291,7 @@ member(value_set_id, system, code, display, version, inactive, abstract) AS (
     SELECT r.value_set_id, m.system, m.code, """
     + _SMALLEST_DISPLAY
     + """, m.version,
-           m.inactive, m.abstract
+           m.inactive, m.abstract, m.concept_id
     FROM {p}compose_rule r
     JOIN target t ON t.value_set_id = r.value_set_id
     JOIN {p}compose_import i ON i.rule_id = r.id AND i.position = 0
@@ -315,7 +317,7 @@ member(value_set_id, system, code, display, version, inactive, abstract) AS (
     SELECT r.value_set_id, m.system, m.code, """
     + _SMALLER_RULE_DISPLAY
     + """,
-           m.version, m.inactive, m.abstract
+           m.version, m.inactive, m.abstract, m.concept_id
     FROM member m
     JOIN {p}compose_import i ON i.value_set_id = m.value_set_id
     JOIN {p}compose_rule r ON r.id = i.rule_id
@@ -335,11 +337,13 @@ member(value_set_id, system, code, display, version, inactive, abstract) AS (
 )
 
 # One row per (value set, code): the smallest display and version when import paths
-# disagree (only possible for code systems that are not loaded).
+# disagree (only possible for code systems that are not loaded, or for includes of
+# two versions of one code system, where the concept is the first loaded).
 _COLLAPSE = """
 SELECT value_set_id, system, code, MIN(version) AS version, MIN(display) AS display,
        MAX(CASE WHEN inactive THEN 1 ELSE 0 END) = 1 AS inactive,
-       MAX(CASE WHEN abstract THEN 1 ELSE 0 END) = 1 AS abstract
+       MAX(CASE WHEN abstract THEN 1 ELSE 0 END) = 1 AS abstract,
+       MIN(concept_id) AS concept_id
 FROM member
 """
 
@@ -353,7 +357,7 @@ target(value_set_id) AS (
     + _MEMBERS
     + """
 INSERT INTO {p}value_set_member
-    (value_set_id, system, code, version, display, inactive, abstract)
+    (value_set_id, system, code, version, display, inactive, abstract, concept_id)
 """
     + _COLLAPSE
     + """
