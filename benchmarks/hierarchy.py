@@ -61,7 +61,7 @@ def _point(ctx: Context, engine: str, size: int, largest: bool) -> None:
         def expand_once(live: bool) -> None:
             nonlocal total
             with Session(db) as session:
-                total = expand(session, graph["url"], live=live).total
+                total = expand(session, graph["url"], live=live, cache=False).total
 
         materialised = measure(lambda: expand_once(False), warmup=1, runs=runs)
         live = measure(lambda: expand_once(True), warmup=1, runs=runs)

@@ -147,10 +147,15 @@ def table_checksums(
 ) -> dict[str, str]:
     """A checksum of every row of every thodb table, to prove a database unchanged.
 
-    :param ignore: columns to leave out, by table.
+    The refresh token is left out: it is random, new with every recomputation of the
+    membership, so two databases with the same content never share it.
+
+    :param ignore: more columns to leave out, by table.
     """
     result: dict[str, str] = {}
-    ignore = ignore or {}
+    left_out: dict[str, set[str]] = {"refresh_state": {"token"}}
+    for table, columns in (ignore or {}).items():
+        left_out[table] = left_out.get(table, set()) | set(columns)
     with engine.connect() as connection:
         inspector = sa.inspect(connection)
         schema = None if engine.dialect.name == "sqlite" else "tho"
@@ -160,7 +165,7 @@ def table_checksums(
             columns = ", ".join(
                 f'"{c["name"]}"'
                 for c in inspector.get_columns(table, schema=schema)
-                if c["name"] not in ignore.get(table, ())
+                if c["name"] not in left_out.get(table, ())
             )
             rows = connection.exec_driver_sql(
                 f"SELECT {columns} FROM {prefix}{table}"

@@ -1,4 +1,4 @@
-"""Membership rows name their concept.
+"""Membership rows name their concept; a token marks each recomputation.
 
 Revision ID: 0005
 Revises: 0004
@@ -10,9 +10,14 @@ expansion reads the designations, properties and order of its codes by primary k
 instead of joining on (system, version, code). Both are computed by every load; the
 upgrade fills them for the rows already there. A partial index finds the enumerated
 codes that a value set annotates (designations, extension properties).
+
+``refresh_state`` holds one row whose ``token`` every recomputation of the membership
+replaces: a reader that cached something derived from the membership checks it.
 """
 
 from __future__ import annotations
+
+import uuid
 
 import sqlalchemy as sa
 from alembic import op
@@ -34,7 +39,9 @@ def _schema() -> str | None:
     return None if op.get_bind().dialect.name == "sqlite" else SCHEMA
 
 
-_ANNOTATED = "designations IS NOT NULL OR properties IS NOT NULL"
+_ANNOTATED = (
+    "designations IS NOT NULL OR properties IS NOT NULL OR standards_status IS NOT NULL"
+)
 
 
 def upgrade() -> None:
@@ -46,6 +53,14 @@ def upgrade() -> None:
         postgresql_where=sa.text(_ANNOTATED),
         sqlite_where=sa.text(_ANNOTATED),
     )
+    state = op.create_table(
+        "refresh_state",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("token", sa.String(32), nullable=False),
+        sa.PrimaryKeyConstraint("id", name="pk_refresh_state"),
+        schema=SCHEMA,
+    )
+    op.bulk_insert(state, [{"id": 1, "token": uuid.uuid4().hex}])
     for table in _TABLES:
         op.add_column(
             table,
@@ -79,3 +94,4 @@ def downgrade() -> None:
     for table in reversed(_TABLES):
         op.drop_column(table, "concept_id", schema=_schema())
     op.drop_index("ix_compose_concept_annotated", "compose_concept", schema=SCHEMA)
+    op.drop_table("refresh_state", schema=SCHEMA)

@@ -477,13 +477,14 @@ def _supplement(
 
 
 def locate(
-    session: Session, code_system: CodeSystemInfo, code: str
+    session: Session, code_system: CodeSystemInfo, code: str, *, hierarchy: bool = True
 ) -> tuple[str, ConceptDetails] | None:
     """Find ``code`` in a code system, ignoring case where the system is not case-sensitive.
 
+    :param hierarchy: read the concept's parents and children.
     :return: the code as the code system writes it and its details, or ``None``.
     """
-    exact = details(session, code_system.id, [code])
+    exact = details(session, code_system.id, [code], hierarchy=hierarchy)
     if code in exact:
         return code, exact[code]
     if code_system.case_sensitive is not False or not storable(code):
@@ -499,4 +500,4 @@ def locate(
     ).first()
     if match is None:
         return None
-    return match, details(session, code_system.id, [match])[match]
+    return match, details(session, code_system.id, [match], hierarchy=hierarchy)[match]

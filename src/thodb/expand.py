@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import logging
 import re
-from collections import defaultdict
+import threading
+import uuid
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -55,6 +57,7 @@ from thodb.models import (
     ComposeConcept,
     ComposeImport,
     ComposeRule,
+    RefreshState,
     ValueSet,
     ValueSetMember,
 )
@@ -648,6 +651,7 @@ def refresh(session: Session, *, rules: VersionRules | None = None) -> RefreshSu
     members = (
         session.scalar(sa.select(sa.func.count()).select_from(ValueSetMember)) or 0
     )
+    session.execute(sa.update(RefreshState).values(token=uuid.uuid4().hex))
     summary = RefreshSummary(
         expanded=len(strata),
         not_expandable=len(nodes) - len(strata),
@@ -820,8 +824,14 @@ def expand(
     *,
     live: bool = False,
     options: ExpandOptions | None = None,
+    cache: bool = True,
 ) -> Expansion:
     """Expand the value set ``url|version`` (FHIR ``$expand``).
+
+    An expansion read from ``value_set_member`` is kept in a cache of this process
+    (200,000 codes at most in all) and answered from there until a load recomputes the
+    membership; ``live`` expansions and requests with code system version rules are
+    never cached.
 
     :param version: the value set's version (a version or pattern; the newest when
         ``None``).
@@ -830,15 +840,79 @@ def expand(
         result is the same.
     :param options: the ``$expand`` parameters; the default is a flat expansion of
         every code.
+    :param cache: look in (and fill) the expansion cache.
     :raises ValueSetNotFound: when the value set is not loaded.
     :raises ValueSetNotExpandable: when it cannot be expanded (the reason says why).
     :raises TerminologyError: for a bad option (unknown supplement, version check,
         too costly).
     """
     options = options or ExpandOptions()
-    with version_scope(session, options.versions):
-        value_set, members = _read_consistently(session, url, version, live)
-        return _expand(session, value_set, members, options, stored=not live)
+    if live or options.versions or not cache:
+        with version_scope(session, options.versions):
+            value_set, members = _read_consistently(session, url, version, live)
+            return _expand(session, value_set, members, options, stored=not live)
+    value_set = find_value_set(session, url, version)
+    token = refresh_token(session)
+    key = (str(session.get_bind().engine.url), token, value_set.id, repr(options))
+    found = _CACHE.get(key)
+    if found is not None:
+        return replace(found, contains=list(found.contains))
+    value_set, members = _read_consistently(session, url, version, live)
+    expansion = _expand(session, value_set, members, options, stored=True)
+    if token is not None and value_set.id == key[2]:
+        _CACHE.put(key, expansion)
+        return replace(expansion, contains=list(expansion.contains))
+    return expansion
+
+
+def refresh_token(session: Session) -> str | None:
+    """The token of the current membership (see :class:`thodb.models.RefreshState`)."""
+    return session.scalar(sa.select(RefreshState.token))
+
+
+class _ExpansionCache:
+    """Expansions read from ``value_set_member``, least recently used dropped first.
+
+    An entry is keyed by the database, the refresh token it was computed under
+    (:class:`thodb.models.RefreshState`), the value set's id and the options; a load
+    recomputes the membership and replaces the token, so an entry of an older state is
+    never found again. At most ``budget`` codes are kept in all.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._entries: OrderedDict[tuple[object, ...], Expansion] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[object, ...]) -> Expansion | None:
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+            return found
+
+    def put(self, key: tuple[object, ...], expansion: Expansion) -> None:
+        size = max(1, len(expansion.contains))
+        if size > self.budget:
+            return
+        with self._lock:
+            if key in self._entries:
+                return
+            self._entries[key] = expansion
+            self._size += size
+            while self._size > self.budget:
+                _, dropped = self._entries.popitem(last=False)
+                self._size -= max(1, len(dropped.contains))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._size = 0
+
+
+#: The expansion cache of this process (see :func:`expand`).
+_CACHE = _ExpansionCache(budget=200_000)
 
 
 # How often to read a value set again when a load replaced it between two statements.
@@ -1031,10 +1105,12 @@ def _read_members(session: Session, value_set_id: int, live: bool) -> list[Membe
 
 @dataclass(frozen=True)
 class Annotation:
-    """What a value set's ``include.concept`` adds to a code: designations, properties."""
+    """What a value set's ``include.concept`` says of a code: designations, properties
+    and the status of the code's presence (``deprecated``)."""
 
     designations: tuple[Designation, ...] = ()
     properties: tuple[Property, ...] = ()
+    status: str | None = None
 
 
 def listed_annotations(
@@ -1054,14 +1130,17 @@ def listed_annotations(
             ComposeConcept.code,
             ComposeConcept.designations,
             ComposeConcept.properties,
+            ComposeConcept.standards_status,
         )
         .join(ComposeRule, ComposeRule.id == ComposeConcept.rule_id)
         .where(
             ComposeRule.value_set_id.in_(value_set_ids),
             ComposeRule.kind == "include",
+            # The predicate of the partial index ix_compose_concept_annotated.
             sa.or_(
                 ComposeConcept.designations.is_not(None),
                 ComposeConcept.properties.is_not(None),
+                ComposeConcept.standards_status.is_not(None),
             ),
         )
         .order_by(ComposeConcept.id)
@@ -1089,6 +1168,7 @@ def listed_annotations(
                 Property(p["code"], p["type"], p.get("value"))
                 for p in row.properties or ()
             ),
+            before.status or row.standards_status,
         )
     return found
 

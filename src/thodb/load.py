@@ -9,6 +9,7 @@ the end (:func:`thodb.expand.refresh`).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
+from psycopg import sql as psycopg_sql
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -335,8 +337,55 @@ def _insert_returning_ids(
 ) -> list[int]:
     if not rows:
         return []
+    if not is_sqlite(session):
+        ids = _allocate_ids(session, model, len(rows))
+        _copy(
+            session, model, [{"id": i, **row} for i, row in zip(ids, rows, strict=True)]
+        )
+        return ids
     statement = sa.insert(model).returning(model.id, sort_by_parameter_order=True)
     return list(session.scalars(statement, rows))
+
+
+def _allocate_ids(session: Session, model: type[Any], count: int) -> list[int]:
+    """``count`` ids from the sequence of ``model``'s id column (PostgreSQL)."""
+    table = f"{model.__table__.schema}.{model.__table__.name}"
+    return list(
+        session.scalars(
+            sa.text(
+                "SELECT nextval(pg_get_serial_sequence(:table, 'id')) "
+                "FROM generate_series(1, :count)"
+            ),
+            {"table": table, "count": count},
+        )
+    )
+
+
+def _copy(session: Session, model: type[Any], rows: list[dict[str, Any]]) -> None:
+    """Write ``rows`` (all with the same keys) into ``model``'s table with COPY.
+
+    PostgreSQL's COPY takes the rows as one stream: several times faster than INSERT
+    statements, in the session's transaction like them.
+    """
+    table = model.__table__
+    names = list(rows[0])
+    as_json = {c.name for c in table.columns if isinstance(c.type, sa.JSON)}
+    statement = psycopg_sql.SQL("COPY {} ({}) FROM STDIN").format(
+        psycopg_sql.Identifier(table.schema, table.name),
+        psycopg_sql.SQL(", ").join(psycopg_sql.Identifier(n) for n in names),
+    )
+    raw = session.connection().connection.driver_connection
+    assert raw is not None, "the session's connection is open"
+    with raw.cursor() as cursor, cursor.copy(statement) as copy:
+        for row in rows:
+            copy.write_row(
+                [
+                    json.dumps(row[n])
+                    if n in as_json and row[n] is not None
+                    else row[n]
+                    for n in names
+                ]
+            )
 
 
 def _existing(
@@ -354,7 +403,9 @@ def _existing(
 
 
 def _insert(session: Session, model: type[Any], rows: list[dict[str, Any]]) -> None:
-    if rows:
+    if rows and not is_sqlite(session):
+        _copy(session, model, rows)
+    elif rows:
         session.execute(sa.insert(model), rows)
 
 

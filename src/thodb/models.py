@@ -273,6 +273,13 @@ class ComposeRule(Base):
 Index("ix_compose_rule_value_set_id_kind", ComposeRule.value_set_id, ComposeRule.kind)
 
 
+# The enumerated codes a value set says more of than code and display: the predicate
+# of a partial index (queries give the same condition, as an or_ of the columns).
+_ANNOTATED_CONCEPT = text(
+    "designations IS NOT NULL OR properties IS NOT NULL OR standards_status IS NOT NULL"
+)
+
+
 class ComposeConcept(Base):
     """An enumerated code of a rule (``include.concept``), with the display it gives."""
 
@@ -284,8 +291,8 @@ class ComposeConcept(Base):
         Index(
             "ix_compose_concept_annotated",
             "rule_id",
-            postgresql_where=text("designations IS NOT NULL OR properties IS NOT NULL"),
-            sqlite_where=text("designations IS NOT NULL OR properties IS NOT NULL"),
+            postgresql_where=_ANNOTATED_CONCEPT,
+            sqlite_where=_ANNOTATED_CONCEPT,
         ),
     )
 
@@ -379,6 +386,20 @@ class ValueSetMember(Base):
 
 
 Index("ix_value_set_member_system_code", ValueSetMember.system, ValueSetMember.code)
+
+
+class RefreshState(Base):
+    """One row: a token that every recomputation of the membership replaces.
+
+    Anything derived from the membership (thodb's expansion cache) is valid for as long
+    as the token it was computed under is the current one.
+    """
+
+    __tablename__ = "refresh_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: Random (uuid4 hex): a token is never current twice, not even after a rollback.
+    token: Mapped[str] = mapped_column(String(32))
 
 
 # --- imaging and reporting (revision 0002) -------------------------------------------

@@ -18,7 +18,8 @@ Both operations only read otherwise.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import sqlalchemy as sa
@@ -29,6 +30,7 @@ from thodb.canonical import canonical
 from thodb.concepts import CodeSystemInfo, ConceptDetails, Property
 from thodb.errors import NotFoundError
 from thodb.expand import (
+    Annotation,
     ValueSetNotExpandable,
     annotated,
     closure,
@@ -36,6 +38,7 @@ from thodb.expand import (
     find_value_set,
     listed_annotations,
     problem_of,
+    refresh_token,
     version_scope,
 )
 from thodb.languages import (
@@ -45,7 +48,6 @@ from thodb.languages import (
     pick_display,
 )
 from thodb.models import (
-    ComposeConcept,
     ComposeRule,
     ComposeRuleCode,
     ValueSet,
@@ -142,6 +144,8 @@ class _Scope:
         value_set: ValueSet | None,
         code_system: CodeSystemInfo | None = None,
         reached: Sequence[int] = (),
+        annotations: Mapping[tuple[str, str], Annotation] | None = None,
+        flagged: Sequence[tuple[str, str]] = (),
     ) -> None:
         self.session = session
         self.name = name
@@ -150,6 +154,12 @@ class _Scope:
         self.code_system = code_system
         #: Ids of the value set and of every value set it imports.
         self.reached = tuple(reached)
+        #: What the includes of ``reached`` say of their enumerated codes.
+        self.annotations: Mapping[tuple[str, str], Annotation] = annotations or {}
+        #: (canonical, standards status) of the value sets of ``reached`` that are
+        #: deprecated or withdrawn.
+        self.flagged = tuple(flagged)
+        self._rows: dict[tuple[str, str], tuple[str | None, str | None] | None] = {}
 
     @property
     def internal(self) -> bool:
@@ -187,30 +197,27 @@ class _Scope:
         """
         if self.value_set is None:
             return True
-        found = self._member_version(cs.url, code)
+        found = self.listed(cs.url, code)
         resolved = {r.code_system_id for r in self.rules.get(cs.url, [])}
         if cs.id in resolved or cs.version is None:
             return found is not None and found[0] in (None, cs.version)
         with version_scope(self.session, rules.forcing(cs.url, cs.version)):
-            found = self._member_version(cs.url, code)
-        return found is not None
-
-    def _member_version(self, system: str, code: str) -> tuple[str | None] | None:
-        if self.value_set is None:
-            return None
-        row = self.session.execute(
-            sa.select(ValueSetMember.version).where(
-                ValueSetMember.value_set_id == self.value_set.id,
-                ValueSetMember.system == system,
-                ValueSetMember.code == code,
-            )
-        ).first()
-        return None if row is None else (row.version,)
+            # Recomputed membership: read it, not what was read before.
+            return self._member_row(cs.url, code) is not None
 
     def listed(self, system: str, code: str) -> tuple[str | None, str | None] | None:
         """(version, display) of ``system#code`` in the value set's membership, if there."""
         if self.value_set is None:
             return None
+        key = (system, code)
+        if key not in self._rows:
+            self._rows[key] = self._member_row(system, code)
+        return self._rows[key]
+
+    def _member_row(
+        self, system: str, code: str
+    ) -> tuple[str | None, str | None] | None:
+        assert self.value_set is not None
         row = self.session.execute(
             sa.select(ValueSetMember.version, ValueSetMember.display).where(
                 ValueSetMember.value_set_id == self.value_set.id,
@@ -226,20 +233,8 @@ class _Scope:
         ``deprecated`` for a code marked ``valueset-deprecated`` (or with a
         standards-status extension) on an ``include.concept``.
         """
-        if not self.reached:
-            return None
-        return self.session.scalar(
-            sa.select(ComposeConcept.standards_status)
-            .join(ComposeRule, ComposeRule.id == ComposeConcept.rule_id)
-            .where(
-                ComposeRule.value_set_id.in_(self.reached),
-                ComposeRule.kind == "include",
-                ComposeRule.system == system,
-                ComposeConcept.code == code,
-                ComposeConcept.standards_status.is_not(None),
-            )
-            .limit(1)
-        )
+        found = self.annotations.get((system, code))
+        return found.status if found is not None else None
 
     def systems_with(self, code: str) -> list[str]:
         """The systems whose ``code`` is in the value set (for ``inferSystem``)."""
@@ -267,8 +262,45 @@ def _value_set_scope(session: Session, value_set: ValueSet) -> _Scope:
                 value_set.expansion_error or "it has not been expanded",
                 problem,
             )
+    token = refresh_token(session)
+    key = (str(session.get_bind().engine.url), token, value_set.id)
+    with _SCOPES_LOCK:
+        known = _SCOPES.get(key)
+    if known is None:
+        known = _scope_facts(session, value_set.id)
+        if token is not None:
+            with _SCOPES_LOCK:
+                _SCOPES[key] = known
+                while len(_SCOPES) > _SCOPES_KEPT:
+                    _SCOPES.pop(next(iter(_SCOPES)))
+    rules, reached, annotations, flagged = known
+    return _Scope(
+        session,
+        canonical(value_set.url, value_set.version),
+        rules,
+        value_set,
+        reached=reached,
+        annotations=annotations,
+        flagged=flagged,
+    )
+
+
+# What _value_set_scope reads of a value set, by (database, refresh token, value set id):
+# it changes only when the membership is recomputed, which replaces the token.
+_ScopeFacts = tuple[
+    dict[str, list[_Rule]],
+    list[int],
+    Mapping[tuple[str, str], Annotation],
+    tuple[tuple[str, str], ...],
+]
+_SCOPES: dict[tuple[object, ...], _ScopeFacts] = {}
+_SCOPES_KEPT = 256
+_SCOPES_LOCK = threading.Lock()
+
+
+def _scope_facts(session: Session, value_set_id: int) -> _ScopeFacts:
     rules: dict[str, list[_Rule]] = {}
-    reached = closure(session, value_set.id)
+    reached = closure(session, value_set_id)
     for row in session.execute(
         sa.select(
             ComposeRule.id,
@@ -285,13 +317,18 @@ def _value_set_scope(session: Session, value_set: ValueSet) -> _Scope:
         rules.setdefault(system, []).append(
             _Rule(row.id, system, row.version, row.code_system_id)
         )
-    return _Scope(
-        session,
-        canonical(value_set.url, value_set.version),
-        rules,
-        value_set,
-        reached=reached,
+    flagged = tuple(
+        (canonical(row.url, row.version), str(row.standards_status))
+        for row in session.execute(
+            sa.select(ValueSet.url, ValueSet.version, ValueSet.standards_status)
+            .where(
+                ValueSet.id.in_(reached),
+                ValueSet.standards_status.in_(list(_FLAGGED_STANDARDS_STATUS)),
+            )
+            .order_by(ValueSet.url)
+        )
     )
+    return rules, reached, listed_annotations(session, reached), flagged
 
 
 # --- checking one coding --------------------------------------------------------------
@@ -541,24 +578,14 @@ class _Validator:
 
     def value_set_status(self) -> None:
         """Report the value sets of the scope that are deprecated or withdrawn."""
-        if not self.scope.reached:
-            return
-        for row in self.session.execute(
-            sa.select(ValueSet.url, ValueSet.version, ValueSet.standards_status)
-            .where(
-                ValueSet.id.in_(self.scope.reached),
-                ValueSet.standards_status.in_(list(_FLAGGED_STANDARDS_STATUS)),
-            )
-            .order_by(ValueSet.url)
-        ):
+        for name, status in self.scope.flagged:
             self.add(
                 "information",
                 "business-rule",
                 "status-check",
-                f"the value set {canonical(row.url, row.version)} is "
-                f"{row.standards_status}",
+                f"the value set {name} is {status}",
                 None,
-                _FLAGGED_STANDARDS_STATUS[row.standards_status],
+                _FLAGGED_STANDARDS_STATUS[status],
             )
 
     def _presence(self, coding: Coding, found: _Check, where: str) -> None:
@@ -627,7 +654,7 @@ class _Validator:
     ) -> None:
         code = str(coding.code)
         found.version = cs.version
-        located = concepts.locate(self.session, cs, code)
+        located = concepts.locate(self.session, cs, code, hierarchy=False)
         if located is None:
             found.located = True
             if self.options.membership_only:
@@ -667,9 +694,7 @@ class _Validator:
                 "CODE_CASE_DIFFERENCE",
             )
         details = self._with_supplements(cs, details)
-        annotation = listed_annotations(
-            self.session, self.scope.reached, (cs.url, actual)
-        ).get((cs.url, actual))
+        annotation = self.scope.annotations.get((cs.url, actual))
         if annotation is not None:
             details = annotated(details, annotation)
         if member_check and self.scope.is_member(self.options.versions, cs, actual):

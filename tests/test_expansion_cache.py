@@ -1,0 +1,78 @@
+"""The expansion cache never answers from a state that is no longer the database's.
+
+Neither do the facts validate-code keeps of a value set's scope. A load recomputes the
+membership and replaces the refresh token; a request's own
+resources (loaded in a transaction that is rolled back) give a token that is never
+current again. Expected codes come from the FHIR files, read here.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+from sqlalchemy.engine import Engine
+
+from conftest import SHARED
+from thodb import load as load_mod
+from thodb.db import session_scope
+from thodb.expand import expand
+from thodb.query import validate_code
+
+TX = SHARED / "tx-tests"
+VALUE_SET = "http://hl7.org/fhir/test/ValueSet/simple-enumerated"
+
+
+def _json(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((TX / name).read_text(encoding="utf-8-sig"))
+    return data
+
+
+def _valid(engine: Engine, code: str) -> bool:
+    with session_scope(engine) as session:
+        return validate_code(session, VALUE_SET, system=SIMPLE, code=code).result
+
+
+SIMPLE = "http://hl7.org/fhir/test/CodeSystem/simple"
+
+
+def _codes(engine: Engine, **kwargs: Any) -> set[str]:
+    with session_scope(engine) as session:
+        return {m.code for m in expand(session, VALUE_SET, **kwargs).contains}
+
+
+def test_a_load_that_changes_a_value_set_is_seen_by_the_next_expansion(
+    fresh_engine: Engine, tmp_path: Any
+) -> None:
+    code_system = _json("simple/codesystem-simple.json")
+    value_set = _json("simple/valueset-enumerated.json")
+    listed = {c["code"] for c in value_set["compose"]["include"][0]["concept"]}
+    load_mod.load(fresh_engine, [TX / "simple/codesystem-simple.json"])
+    first = tmp_path / "vs.json"
+    first.write_text(json.dumps(value_set))
+    load_mod.load(fresh_engine, [first])
+    assert _codes(fresh_engine) == listed
+    assert _codes(fresh_engine) == listed  # answered from the cache
+    assert all(_valid(fresh_engine, code) for code in listed)
+
+    # The same url|version with one code fewer, loaded with --replace.
+    changed = copy.deepcopy(value_set)
+    dropped = changed["compose"]["include"][0]["concept"].pop()["code"]
+    first.write_text(json.dumps(changed))
+    load_mod.load(fresh_engine, [first], replace=True)
+    assert _codes(fresh_engine) == listed - {dropped}
+    assert _codes(fresh_engine, cache=False) == listed - {dropped}
+    assert not _valid(fresh_engine, dropped)
+
+    # Resources of one transaction that is rolled back are not seen afterwards.
+    every = {c["code"] for c in code_system["concept"]}
+    whole = copy.deepcopy(value_set)
+    whole["compose"]["include"][0].pop("concept")
+    with session_scope(fresh_engine, write=True) as session:
+        load_mod.load_resources(session, [whole], replace=True)
+        inside = {m.code for m in expand(session, VALUE_SET).contains}
+        session.rollback()
+    assert inside >= every and inside != listed - {dropped}
+    assert _codes(fresh_engine) == listed - {dropped}
+    assert not _valid(fresh_engine, dropped)
