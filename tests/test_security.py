@@ -479,9 +479,18 @@ _SAFE_BY_MODULE = {
     "conformance/operations.py": frozenset({"name"}),
 }
 
-#: Keywords sql.render fills into statement templates.
+#: Keywords sql.render fills into statement templates (fixed fragments: the schema
+#: prefix, dialect functions, the pending-only conditions of an incremental refresh).
 _TEMPLATE_FIELDS = frozenset(
-    {"p", "instr", "regex_code", "regex_display", "regex_property"}
+    {
+        "p",
+        "instr",
+        "regex_code",
+        "regex_display",
+        "regex_property",
+        "only_rules",
+        "only_targets",
+    }
 )
 
 

@@ -199,6 +199,10 @@ class RefreshSummary:
     not_expandable: int
     members: int
     passes: int
+    #: Value sets whose membership was computed: those the load wrote, those whose
+    #: code systems or imports now resolve differently, and every value set that
+    #: imports one of them (directly or not).
+    recomputed: int = 0
 
 
 class ValueSetNotExpandable(NotExpandableError):
@@ -532,8 +536,12 @@ def _pick(candidates: list[tuple[int, str | None]], pattern: str | None) -> int 
     return next(id_ for id_, version in candidates if version == picked)
 
 
-def _resolve(session: Session, rules: VersionRules) -> None:
-    """Point each rule at its code system and each import at its value set (step 1)."""
+def _resolve(session: Session, rules: VersionRules) -> set[int]:
+    """Point each rule at its code system and each import at its value set (step 1).
+
+    :return: the ids of the value sets with a rule or import that now points elsewhere.
+    """
+    changed: set[int] = set()
     systems: dict[str, list[tuple[int, str | None]]] = defaultdict(list)
     for row in session.execute(
         sa.select(CodeSystem.id, CodeSystem.url, CodeSystem.version).where(
@@ -545,6 +553,7 @@ def _resolve(session: Session, rules: VersionRules) -> None:
     for rule in session.execute(
         sa.select(
             ComposeRule.id,
+            ComposeRule.value_set_id,
             ComposeRule.system,
             ComposeRule.version,
             ComposeRule.code_system_id,
@@ -554,6 +563,7 @@ def _resolve(session: Session, rules: VersionRules) -> None:
         target = _pick(systems.get(system, []), rules.effective(system, rule.version))
         if target != rule.code_system_id:
             updates.append({"id": rule.id, "code_system_id": target})
+            changed.add(rule.value_set_id)
     if updates:
         session.execute(sa.update(ComposeRule), updates)
         _analyze_after(session, "compose_rule", len(updates))
@@ -568,14 +578,33 @@ def _resolve(session: Session, rules: VersionRules) -> None:
             ComposeImport.url,
             ComposeImport.version,
             ComposeImport.value_set_id,
-        )
+            ComposeRule.value_set_id.label("importer"),
+        ).join(ComposeRule, ComposeRule.id == ComposeImport.rule_id)
     ):
         target = _pick(value_sets.get(imp.url, []), imp.version)
         if target != imp.value_set_id:
             updates.append({"id": imp.id, "value_set_id": target})
+            changed.add(imp.importer)
     if updates:
         session.execute(sa.update(ComposeImport), updates)
         _analyze_after(session, "compose_import", len(updates))
+    return changed
+
+
+def _importers(nodes: dict[int, _Node], seeds: set[int]) -> set[int]:
+    """``seeds`` and every value set that imports one of them, directly or not."""
+    imported_by: dict[int, list[int]] = defaultdict(list)
+    for node in nodes.values():
+        for target, _ in node.edges:
+            imported_by[target].append(node.id)
+    found = {seed for seed in seeds if seed in nodes}
+    work = list(found)
+    while work:
+        for importer in imported_by[work.pop()]:
+            if importer not in found:
+                found.add(importer)
+                work.append(importer)
+    return found
 
 
 #: Changed rows after which the planner's statistics of a table are renewed.
@@ -600,8 +629,24 @@ def _analyze_after(session: Session, table: str, changed: int) -> None:
         session.execute(sa.text(_ANALYZE[table]))
 
 
+# The rows an incremental refresh recomputes: those of the value sets marked pending.
+_DELETE_PENDING_RULE_CODES = """
+DELETE FROM {p}compose_rule_code WHERE rule_id IN (
+    SELECT r.id FROM {p}compose_rule r
+    JOIN {p}value_set v ON v.id = r.value_set_id
+    WHERE v.expansion_status = 'pending')
+"""
+_DELETE_PENDING_MEMBERS = """
+DELETE FROM {p}value_set_member WHERE value_set_id IN (
+    SELECT id FROM {p}value_set WHERE expansion_status = 'pending')
+"""
+
+
 def refresh(session: Session, *, rules: VersionRules | None = None) -> RefreshSummary:
-    """Recompute the membership of every loaded value set (see the module docstring).
+    """Recompute the membership of the value sets a load affects (see the module
+    docstring): those it wrote (``pending``), those whose includes or imports now
+    resolve to other rows, and every value set that imports one of them. A first load
+    recomputes everything.
 
     :param rules: code system versions to resolve includes to instead of the ones
         the value sets name (a request's ``force-system-version`` and
@@ -610,44 +655,70 @@ def refresh(session: Session, *, rules: VersionRules | None = None) -> RefreshSu
     session.flush()
     _serialize(session)
     sqlfunctions.ensure(session)
-    _resolve(session, rules or VersionRules())
-
+    # What a load wrote is pending; what resolves differently now, and everything that
+    # imports either, is recomputed with it. Nothing else changes.
+    changed = _resolve(session, rules or VersionRules())
     nodes = _diagnose(session)
     strata = _strata(nodes)
-    session.execute(
-        sa.update(ValueSet),
-        [
-            {
-                "id": node.id,
-                "stratum": strata.get(node.id),
-                "expansion_status": "expanded"
-                if node.id in strata
-                else "not-expandable",
-                "expansion_error": None if node.id in strata else node.error,
-                "member_count": None,
-            }
-            for node in nodes.values()
-        ],
-    )
-
-    p = schema_prefix(session)
-    session.execute(sa.text(f"DELETE FROM {p}compose_rule_code"))
-    session.execute(sql.render(session, sql.RULE_CODES))
-    session.execute(sa.text(f"DELETE FROM {p}value_set_member"))
-    passes = max(strata.values(), default=-1) + 1
-    for stratum in range(passes):
-        session.execute(sql.render(session, sql.MATERIALIZE), {"stratum": stratum})
-
-    session.execute(
-        sa.text(
-            f"""
-            UPDATE {p}value_set SET member_count = (
-                SELECT COUNT(*) FROM {p}value_set_member m
-                WHERE m.value_set_id = {p}value_set.id)
-            WHERE stratum IS NOT NULL
-            """
+    pending = set(
+        session.scalars(
+            sa.select(ValueSet.id).where(ValueSet.expansion_status == "pending")
         )
     )
+    affected = _importers(nodes, pending | changed)
+    everything = len(affected) == len(nodes)
+    if affected:
+        session.execute(
+            sa.update(ValueSet),
+            [
+                {
+                    "id": v,
+                    "stratum": strata.get(v),
+                    "expansion_status": "pending",
+                    "expansion_error": None,
+                    "member_count": None,
+                }
+                for v in sorted(affected)
+            ],
+        )
+
+    p = schema_prefix(session)
+    if everything:
+        session.execute(sa.text(f"DELETE FROM {p}compose_rule_code"))
+        session.execute(sa.text(f"DELETE FROM {p}value_set_member"))
+    elif affected:
+        session.execute(sa.text(_DELETE_PENDING_RULE_CODES.format(p=p)))
+        session.execute(sa.text(_DELETE_PENDING_MEMBERS.format(p=p)))
+    passes = max(strata.values(), default=-1) + 1
+    if affected:
+        only = not everything
+        session.execute(sql.render(session, sql.RULE_CODES, pending_only=only))
+        for stratum in range(passes):
+            session.execute(
+                sql.render(session, sql.MATERIALIZE, pending_only=only),
+                {"stratum": stratum},
+            )
+        session.execute(
+            sa.text(
+                f"""
+                UPDATE {p}value_set SET member_count = (
+                    SELECT COUNT(*) FROM {p}value_set_member m
+                    WHERE m.value_set_id = {p}value_set.id)
+                WHERE stratum IS NOT NULL AND expansion_status = 'pending'
+                """
+            )
+        )
+        session.execute(
+            sa.update(ValueSet),
+            [
+                {
+                    "id": v,
+                    "expansion_status": "expanded" if v in strata else "not-expandable",
+                    "expansion_error": None if v in strata else nodes[v].error,
+                }
+                for v in sorted(affected)
+            ],
+        )
     members = (
         session.scalar(sa.select(sa.func.count()).select_from(ValueSetMember)) or 0
     )
@@ -657,13 +728,16 @@ def refresh(session: Session, *, rules: VersionRules | None = None) -> RefreshSu
         not_expandable=len(nodes) - len(strata),
         members=members,
         passes=passes,
+        recomputed=len(affected),
     )
     log.info(
-        "membership: %d value sets expanded (%d members, %d passes), %d not expandable",
+        "membership: %d value sets expanded (%d members, %d passes), %d not expandable; "
+        "%d recomputed",
         summary.expanded,
         summary.members,
         summary.passes,
         summary.not_expandable,
+        summary.recomputed,
     )
     return summary
 

@@ -36,12 +36,26 @@ SUPPORTED_FILTERS = {
 }
 
 
-def render(bind: Session | Connection, template: str) -> TextClause:
-    """Fill the dialect fragments of a statement template and wrap it as text."""
+def render(
+    bind: Session | Connection, template: str, *, pending_only: bool = False
+) -> TextClause:
+    """Fill the dialect fragments of a statement template and wrap it as text.
+
+    :param pending_only: limit :data:`RULE_CODES` and :data:`MATERIALIZE` to the value
+        sets whose ``expansion_status`` is ``pending`` (an incremental refresh).
+    """
     sqlite = schema_prefix(bind) == ""
+    p = schema_prefix(bind)
     return text(
         template.format(
-            p=schema_prefix(bind),
+            p=p,
+            only_rules=(
+                f"AND r.value_set_id IN (SELECT id FROM {p}value_set "
+                "WHERE expansion_status = 'pending')"
+                if pending_only
+                else ""
+            ),
+            only_targets="AND expansion_status = 'pending'" if pending_only else "",
             instr="instr" if sqlite else "strpos",
             regex_code=regex_match(sqlite, "c.code", "f.value"),
             regex_display=regex_match(sqlite, "c.display", "f.value"),
@@ -64,6 +78,7 @@ anchor(filter_id, concept_id) AS (
     WHERE f.op IN ('is-a', 'descendent-of', 'is-not-a', 'child-of', 'descendent-leaf',
                    'generalizes')
       AND f.property IN ('concept', 'code')
+      {only_rules}
 ),
 below(filter_id, concept_id) AS (
     SELECT a.filter_id, a.concept_id
@@ -115,20 +130,22 @@ filter_match(filter_id, concept_id) AS (
     WHERE f.op = 'is-not-a'
       AND NOT EXISTS (SELECT 1 FROM below b
                       WHERE b.filter_id = f.id AND b.concept_id = c.id)
+      {only_rules}
     UNION
     -- = and in on the code or display
     SELECT f.id, c.id
     FROM {p}compose_filter f
     JOIN {p}compose_rule r ON r.id = f.rule_id
     JOIN {p}concept c ON c.code_system_id = r.code_system_id
-    WHERE (f.op = '=' AND f.property IN ('concept', 'code') AND c.code = f.value)
+    WHERE ((f.op = '=' AND f.property IN ('concept', 'code') AND c.code = f.value)
        OR (f.op = '=' AND f.property = 'display' AND c.display = f.value)
        OR (f.op = 'in' AND f.property IN ('concept', 'code')
            AND {instr}(',' || f.value || ',', ',' || c.code || ',') > 0)
        OR (f.op = 'not-in' AND f.property IN ('concept', 'code')
            AND {instr}(',' || f.value || ',', ',' || c.code || ',') = 0)
        OR (f.op = 'regex' AND f.property IN ('concept', 'code') AND {regex_code})
-       OR (f.op = 'regex' AND f.property = 'display' AND {regex_display})
+       OR (f.op = 'regex' AND f.property = 'display' AND {regex_display}))
+      {only_rules}
     UNION
     -- =, in and exists on a concept property
     SELECT f.id, c.id
@@ -136,11 +153,12 @@ filter_match(filter_id, concept_id) AS (
     JOIN {p}compose_rule r ON r.id = f.rule_id
     JOIN {p}concept c ON c.code_system_id = r.code_system_id
     JOIN {p}concept_property cp ON cp.concept_id = c.id AND cp.code = f.property
-    WHERE (f.op = '=' AND cp.value = f.value)
+    WHERE ((f.op = '=' AND cp.value = f.value)
        OR (f.op = 'in' AND {instr}(',' || f.value || ',', ',' || cp.value || ',') > 0)
        OR (f.op = 'exists' AND f.value = 'true')
        OR (f.op = 'regex' AND f.property NOT IN ('concept', 'code', 'display')
-           AND {regex_property})
+           AND {regex_property}))
+      {only_rules}
     UNION
     -- not-in and exists = false on a concept property
     SELECT f.id, c.id
@@ -154,6 +172,7 @@ filter_match(filter_id, concept_id) AS (
           WHERE cp.concept_id = c.id AND cp.code = f.property
             AND (f.op = 'exists'
                  OR {instr}(',' || f.value || ',', ',' || cp.value || ',') > 0))
+      {only_rules}
 ),
 -- Rules that take a whole code system (no concept list, no filter). Materialized, so
 -- that the planner joins these few rules to their concepts instead of joining every
@@ -163,6 +182,7 @@ whole_system_rule(rule_id) AS MATERIALIZED (
     WHERE r.code_system_id IS NOT NULL
       AND NOT EXISTS (SELECT 1 FROM {p}compose_concept k WHERE k.rule_id = r.id)
       AND NOT EXISTS (SELECT 1 FROM {p}compose_filter f WHERE f.rule_id = r.id)
+      {only_rules}
 )
 INSERT INTO {p}compose_rule_code
     (rule_id, system, code, display, version, inactive, abstract, concept_id)
@@ -178,7 +198,8 @@ FROM {p}compose_concept k
 JOIN {p}compose_rule r ON r.id = k.rule_id
 LEFT JOIN {p}concept c ON c.code_system_id = r.code_system_id AND c.code = k.code
 LEFT JOIN {p}code_system cs ON cs.id = r.code_system_id
-WHERE c.id IS NOT NULL OR COALESCE(cs.content, '') <> 'complete'
+WHERE (c.id IS NOT NULL OR COALESCE(cs.content, '') <> 'complete')
+  {only_rules}
 GROUP BY r.id, r.system, k.code
 UNION ALL
 -- Filters: the concepts that the first filter matches and every other filter too.
@@ -193,6 +214,7 @@ WHERE NOT EXISTS (
     WHERE f.rule_id = r.id AND f.position > 0
       AND NOT EXISTS (SELECT 1 FROM filter_match m
                       WHERE m.filter_id = f.id AND m.concept_id = c.id))
+  {only_rules}
 UNION ALL
 -- Neither: the whole code system.
 SELECT r.id, r.system, c.code, c.display, cs.version, c.inactive, c.abstract, c.id
@@ -352,7 +374,7 @@ MATERIALIZE = (
     """
 WITH RECURSIVE
 target(value_set_id) AS (
-    SELECT id FROM {p}value_set WHERE stratum = :stratum
+    SELECT id FROM {p}value_set WHERE stratum = :stratum {only_targets}
 ),"""
     + _MEMBERS
     + """

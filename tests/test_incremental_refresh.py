@@ -1,0 +1,130 @@
+"""A load recomputes only the value sets it affects, and ends where a full load ends.
+
+One CID of the seeds is changed and loaded again with --replace. The value sets that
+must be recomputed are read from the seed files (the changed CID and every value set
+that imports it, directly or not); the resulting database must hold what a database
+loaded from scratch with the changed file holds, value set by value set.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from conftest import Databases
+from thodb import load as load_mod
+from thodb.canonical import split_canonical
+from thodb.db import session_scope
+from thodb.models import Concept, ValueSet, ValueSetMember
+from thodb.seed import seeds_path
+
+CHANGED = "ValueSet-dicom-cid-12104.json"
+
+
+def _importers_in_files(folder: Path, url: str) -> set[str]:
+    """``url`` and the urls of every value set that imports it, from the files."""
+    imported_by: dict[str, set[str]] = defaultdict(set)
+    for path in folder.rglob("*.json"):
+        resource = json.loads(path.read_text(encoding="utf-8-sig"))
+        if resource.get("resourceType") != "ValueSet":
+            continue
+        compose = resource.get("compose") or {}
+        for rule in compose.get("include", []) + compose.get("exclude", []):
+            for reference in rule.get("valueSet", []):
+                imported_by[split_canonical(reference)[0]].add(resource["url"])
+    fhir = "{http://hl7.org/fhir}"
+    for path in folder.rglob("*.xml"):
+        root = ElementTree.parse(path).getroot()
+        if root.tag != f"{fhir}ValueSet":
+            continue
+        # THO's files give no url: it is the canonical base, the type and the id.
+        given = root.find(f"{fhir}url")
+        rid = root.find(f"{fhir}id")
+        assert given is not None or rid is not None
+        own = (
+            given.get("value", "")
+            if given is not None
+            else f"http://terminology.hl7.org/ValueSet/{rid.get('value')}"  # type: ignore[union-attr]
+        )
+        for kind in ("include", "exclude"):
+            for rule in root.iterfind(f"{fhir}compose/{fhir}{kind}"):
+                for reference in rule.iterfind(f"{fhir}valueSet"):
+                    imported_by[split_canonical(reference.get("value", ""))[0]].add(own)
+    found, work = {url}, [url]
+    while work:
+        for importer in imported_by[work.pop()] - found:
+            found.add(importer)
+            work.append(importer)
+    return found
+
+
+def _state(engine: Engine) -> dict[tuple[str, str | None], Any]:
+    """Every value set's status, error, count and members (with their concepts)."""
+    with session_scope(engine) as session:
+        concept_code = dict(session.execute(sa.select(Concept.id, Concept.code)).all())
+        members: dict[int, set[tuple[Any, ...]]] = defaultdict(set)
+        for row in session.execute(sa.select(ValueSetMember)).scalars():
+            members[row.value_set_id].add(
+                (
+                    row.system,
+                    row.code,
+                    row.version,
+                    row.display,
+                    bool(row.inactive),
+                    bool(row.abstract),
+                    concept_code.get(row.concept_id),
+                )
+            )
+        return {
+            (vs.url, vs.version): (
+                vs.expansion_status,
+                vs.expansion_error,
+                vs.member_count,
+                vs.stratum,
+                frozenset(members[vs.id]),
+            )
+            for vs in session.execute(sa.select(ValueSet)).scalars()
+        }
+
+
+def test_a_changed_value_set_recomputes_itself_and_its_importers_only(
+    databases: Databases, engine_kind: str, tmp_path: Path
+) -> None:
+    seeds = tmp_path / "seeds"
+    shutil.copytree(seeds_path(), seeds)
+    changed = seeds / "dicom" / CHANGED
+    resource = json.loads(changed.read_text(encoding="utf-8"))
+    dropped = resource["compose"]["include"][0]["concept"].pop()
+    affected = _importers_in_files(seeds, resource["url"])
+    assert len(affected) > 1  # the CID is imported
+
+    incremental = databases.engine(engine_kind)
+    load_mod.load(incremental, [seeds])
+    before = _state(incremental)
+    changed.write_text(json.dumps(resource), encoding="utf-8")
+    summary = load_mod.load(incremental, [changed], replace=True)
+
+    after = _state(incremental)
+    assert summary.refresh is not None
+    # Counted as value sets (url|version): a url may be loaded in two versions.
+    assert summary.refresh.recomputed == len([k for k in after if k[0] in affected])
+    assert summary.refresh.recomputed < len(after) / 10
+    full = databases.engine(engine_kind)
+    load_mod.load(full, [seeds])
+    assert after == _state(full)
+
+    # What changed is what the files say: the dropped code left the CID and its
+    # importers' membership was recomputed; the rest is as before.
+    assert {key for key in after if after[key] != before[key]} <= {
+        key for key in after if key[0] in affected
+    }
+    cid = next(key for key in after if key[0] == resource["url"])
+    assert dropped["code"] in {m[1] for m in before[cid][4]}
+    assert dropped["code"] not in {m[1] for m in after[cid][4]}
