@@ -16,6 +16,8 @@ import statistics
 import time
 from typing import Any
 
+import sqlalchemy as sa
+
 from benchmarks import content
 from benchmarks.harness import (
     ChildLoad,
@@ -105,11 +107,19 @@ def dump_rows(ctx: Context, url: str) -> Rows:
     try:
         cursor = raw.cursor()
         found: Rows = []
+        postgresql = engine.dialect.name == "postgresql"
         for table in Base.metadata.sorted_tables:
             columns = [column.name for column in table.columns]
+            # JSON as its text, as COPY and INSERT take it back.
+            selected = [
+                f"{c.name}::text"
+                if postgresql and isinstance(c.type, sa.JSON)
+                else c.name
+                for c in table.columns
+            ]
             cursor.execute(
                 driver_sql(
-                    engine, f"SELECT {', '.join(columns)} FROM {{p}}{table.name}"
+                    engine, f"SELECT {', '.join(selected)} FROM {{p}}{table.name}"
                 )
             )
             found.append((table.name, columns, list(cursor.fetchall())))

@@ -1,6 +1,8 @@
 """Value-set expansion: computing ``value_set_member`` and answering ``$expand``.
 
-After every load, :func:`refresh` recomputes the membership of every value set:
+After every load, :func:`refresh` recomputes the membership of the value sets the load
+affects (those it wrote, those whose includes or imports now resolve to other rows, and
+every value set that imports one of them; on a first load, all):
 
 1. each rule's ``system|version`` and each imported ``url|version`` is resolved to a
    loaded resource (the newest version a version or pattern selects, see
@@ -19,9 +21,14 @@ After every load, :func:`refresh` recomputes the membership of every value set:
    value sets using them are put in a later *pass* (``value_set.stratum``), one more
    statement per level of such nesting. DICOM and the model case need a single pass.
 
+Steps 3 and 4 are limited to the affected value sets (marked ``pending``); the others
+keep their rows, since a value set's pass and members depend only on what it imports.
+Every recomputation replaces the token in ``refresh_state``.
+
 :func:`expand` reads the membership and applies the request's options in Python
 (:class:`ExpandOptions`: ``activeOnly``, text ``filter``, display language,
-designations, properties, hierarchy, paging). A request that asks for other code
+designations, properties, hierarchy, paging), keeping recent answers in a cache keyed
+by the refresh token. A request that asks for other code
 system versions (``force-system-version``, ``system-version``) is answered from a
 membership recomputed inside a savepoint that is rolled back afterwards.
 """
@@ -844,6 +851,26 @@ def find_code_system(
     return found
 
 
+def closure_select(value_set_id: int) -> sa.Select[tuple[int]]:
+    """The ids of :func:`closure` as a subquery (a recursive CTE), for ``IN``: a value
+    set that imports thousands would otherwise send thousands of parameters."""
+    reach = sa.select(
+        sa.cast(sa.literal(value_set_id), sa.Integer).label("value_set_id")
+    ).cte("reach", recursive=True)
+    step = (
+        sa.select(ComposeImport.value_set_id)
+        .join(ComposeRule, ComposeRule.id == ComposeImport.rule_id)
+        .join(reach, ComposeRule.value_set_id == reach.c.value_set_id)
+        .where(ComposeImport.value_set_id.is_not(None))
+    )
+    reach = reach.union(step)
+    return sa.select(reach.c.value_set_id)
+
+
+#: The most value set ids a statement takes as parameters (see closure_select).
+_IDS_AS_PARAMETERS = 2_000
+
+
 def closure(session: Session, value_set_id: int) -> list[int]:
     """Ids of ``value_set_id`` and of every value set it imports, directly or not."""
     return [
@@ -855,7 +882,7 @@ def closure(session: Session, value_set_id: int) -> list[int]:
 
 
 def used_code_systems(
-    session: Session, value_set_ids: list[int]
+    session: Session, value_set_ids: Sequence[int] | sa.Select[tuple[int]]
 ) -> list[CodeSystemInfo]:
     """The code systems the includes of these value sets resolve to."""
     ids = session.scalars(
@@ -933,7 +960,9 @@ def expand(
         return replace(found, contains=list(found.contains))
     value_set, members = _read_consistently(session, url, version, live)
     expansion = _expand(session, value_set, members, options, stored=True)
-    if token is not None and value_set.id == key[2]:
+    # Under READ COMMITTED each statement may see a later commit: the answer is of the
+    # token's state only if no recomputation committed meanwhile (tokens never repeat).
+    if token is not None and value_set.id == key[2] and refresh_token(session) == token:
         _CACHE.put(key, expansion)
         return replace(expansion, contains=list(expansion.contains))
     return expansion
@@ -1048,7 +1077,9 @@ def _expand(
     name = canonical(value_set.url, value_set.version)
     if options.language is None:
         options = replace(options, language=default_language(value_set))
-    reached = closure(session, value_set.id)
+    ids = closure(session, value_set.id)
+    # The ids as parameters while they are few; beyond, the closure as a subquery.
+    reached = ids if len(ids) <= _IDS_AS_PARAMETERS else closure_select(value_set.id)
     used = used_code_systems(session, reached)
     check_versions(used, options.versions)
     supplements = [
@@ -1083,7 +1114,6 @@ def _expand(
     elif options.hierarchical:
         members = _nest(session, members)
 
-    imported = [vs for vs in reached if vs != value_set.id]
     versioned = _versioned_systems(session, reached, members)
     return Expansion(
         url=value_set.url,
@@ -1099,7 +1129,7 @@ def _expand(
             canonical(row.url, row.version)
             for row in session.execute(
                 sa.select(ValueSet.url, ValueSet.version).where(
-                    ValueSet.id.in_(imported)
+                    ValueSet.id.in_(reached), ValueSet.id != value_set.id
                 )
             )
         ),
@@ -1109,7 +1139,9 @@ def _expand(
 
 
 def _versioned_systems(
-    session: Session, value_set_ids: list[int], members: list[Member]
+    session: Session,
+    value_set_ids: Sequence[int] | sa.Select[tuple[int]],
+    members: list[Member],
 ) -> tuple[str, ...]:
     versions_of: dict[str, set[str | None]] = defaultdict(set)
     for system, version in session.execute(
@@ -1189,7 +1221,7 @@ class Annotation:
 
 def listed_annotations(
     session: Session,
-    value_set_ids: Sequence[int],
+    value_set_ids: Sequence[int] | sa.Select[tuple[int]],
     only: tuple[str, str] | None = None,
 ) -> dict[tuple[str, str], Annotation]:
     """The designations and extension properties that the includes of the value sets

@@ -74,6 +74,8 @@ class LoadSummary:
     designations: int = 0
     properties: int = 0
     hierarchy_edges: int = 0
+    #: Rows written into the content tables (resources, concepts, compose elements).
+    written_rows: int = 0
     refresh: expand.RefreshSummary | None = None
     #: Sources of duplicate copies of the same content within this load.
     duplicates: list[str] = field(default_factory=list)
@@ -122,7 +124,7 @@ def load(
         if summary.changed:
             if progress:
                 progress("expand", 0)
-            _prepare_refresh(session)
+            _prepare_refresh(session, summary)
             summary.refresh = expand.refresh(session)
     return summary
 
@@ -154,7 +156,7 @@ def load_resources(
     lock_for_load(session)
     _write(session, records, replace, summary, None)
     if summary.changed:
-        _prepare_refresh(session)
+        _prepare_refresh(session, summary)
         summary.refresh = expand.refresh(session)
     return summary
 
@@ -174,17 +176,33 @@ _WRITTEN_TABLES = (
 )
 
 
-def _prepare_refresh(session: Session) -> None:
+def _prepare_refresh(session: Session, summary: LoadSummary) -> None:
     if is_sqlite(session):
         return
-    # Statistics of the rows just written (ANALYZE is allowed in a transaction).
-    # Without them the recursive statements look costly enough for PostgreSQL to
-    # JIT-compile them, which takes seconds for a statement that runs in a fraction
-    # of one; JIT is off for this transaction only.
+    # The recursive statements look costly enough for PostgreSQL to JIT-compile them,
+    # which takes seconds for a statement that runs in a fraction of one; JIT is off
+    # for this transaction only.
     session.execute(sa.text("SET LOCAL jit = off"))
-    session.execute(
-        sa.text("ANALYZE " + ", ".join(f"{SCHEMA}.{t}" for t in _WRITTEN_TABLES))
+    # Statistics of the rows just written (ANALYZE is allowed in a transaction), when
+    # the load grew the tables by a tenth or more, as autovacuum's default scale factor
+    # would: the planner needs them after a first or large load, while after a few
+    # resources ANALYZE would take longer than the incremental refresh that follows.
+    known = session.scalar(
+        sa.text(
+            "SELECT COALESCE(SUM(GREATEST(c.reltuples, 0)), 0) FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = :schema AND c.relname = ANY(:tables)"
+        ),
+        {"schema": SCHEMA, "tables": list(_WRITTEN_TABLES)},
     )
+    if summary.written_rows >= _ANALYZE_SCALE * float(known or 0):
+        session.execute(
+            sa.text("ANALYZE " + ", ".join(f"{SCHEMA}.{t}" for t in _WRITTEN_TABLES))
+        )
+
+
+#: The share of the rows already there that a load must write for ANALYZE to run.
+_ANALYZE_SCALE = 0.1
 
 
 #: Key of the PostgreSQL advisory lock that serializes loads ("thodb" in ASCII).
@@ -312,6 +330,18 @@ def _write(
             else:
                 summary.value_sets_replaced += 1
 
+    summary.written_rows += sum(
+        1
+        + len(r.properties)
+        + sum(
+            1 + len(c.designations) + len(c.properties) + len(c.parents)
+            for c in r.concepts
+        )
+        for r in code_systems
+    ) + sum(
+        1 + sum(1 + len(u.concepts) + len(u.filters) + len(u.imports) for u in r.rules)
+        for r in value_sets
+    )
     # Written in batches: one multi-row INSERT per table and batch, ids returned in
     # parameter order, instead of a round trip per resource.
     written = 0
@@ -402,11 +432,31 @@ def _existing(
     return found
 
 
-def _insert(session: Session, model: type[Any], rows: list[dict[str, Any]]) -> None:
-    if rows and not is_sqlite(session):
-        _copy(session, model, rows)
-    elif rows:
-        session.execute(sa.insert(model), rows)
+def _insert(session: Session, model: type[Any], rows: Iterable[dict[str, Any]]) -> int:
+    """Write ``rows`` (all with the same keys) in batches; return how many."""
+    count = 0
+    for batch in _batches_of(rows, _INSERT_BATCH):
+        if is_sqlite(session):
+            session.execute(sa.insert(model), batch)
+        else:
+            _copy(session, model, batch)
+        count += len(batch)
+    return count
+
+
+#: Rows per INSERT ... executemany (SQLite) or COPY (PostgreSQL).
+_INSERT_BATCH = 20_000
+
+
+def _batches_of(rows: Iterable[T], size: int) -> Iterator[list[T]]:
+    batch: list[T] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _write_code_systems(
@@ -475,7 +525,9 @@ def _write_code_systems(
         (cs_id, c.code): concept_id
         for (cs_id, c), concept_id in zip(concepts, concept_ids, strict=True)
     }
-    designations = [
+    # Generators: the rows of the large tables are made while they are written, not
+    # all held at once (a code system of 350,000 concepts has a million properties).
+    designations = (
         {
             "concept_id": ids[cs_id, c.code],
             "value": d.value,
@@ -486,8 +538,8 @@ def _write_code_systems(
         }
         for cs_id, c in concepts
         for d in c.designations
-    ]
-    properties = [
+    )
+    properties = (
         {
             "concept_id": ids[cs_id, c.code],
             "code": p.code,
@@ -497,7 +549,7 @@ def _write_code_systems(
         }
         for cs_id, c in concepts
         for p in c.properties
-    ]
+    )
     edges = sorted(
         {
             (ids[cs_id, c.code], ids[cs_id, parent])
@@ -505,16 +557,14 @@ def _write_code_systems(
             for parent in c.parents
         }
     )
-    _insert(session, ConceptDesignation, designations)
-    _insert(session, ConceptProperty, properties)
+    summary.designations += _insert(session, ConceptDesignation, designations)
+    summary.properties += _insert(session, ConceptProperty, properties)
     _insert(
         session,
         ConceptParent,
-        [{"concept_id": child, "parent_id": parent} for child, parent in edges],
+        ({"concept_id": child, "parent_id": parent} for child, parent in edges),
     )
     summary.concepts += len(concepts)
-    summary.designations += len(designations)
-    summary.properties += len(properties)
     summary.hierarchy_edges += len(edges)
 
 

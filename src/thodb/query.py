@@ -268,7 +268,8 @@ def _value_set_scope(session: Session, value_set: ValueSet) -> _Scope:
         known = _SCOPES.get(key)
     if known is None:
         known = _scope_facts(session, value_set.id)
-        if token is not None:
+        # Kept only if no recomputation committed while they were read (see expand).
+        if token is not None and refresh_token(session) == token:
             with _SCOPES_LOCK:
                 _SCOPES[key] = known
                 while len(_SCOPES) > _SCOPES_KEPT:

@@ -95,7 +95,7 @@ _PROPERTY_VALUE_TYPES = {
 }
 
 
-@dataclass
+@dataclass(slots=True)
 class DesignationRecord:
     """A ``concept.designation``."""
 
@@ -106,7 +106,7 @@ class DesignationRecord:
     standards_status: str | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class PropertyRecord:
     """A ``concept.property`` value, as text (see :class:`thodb.models.ConceptProperty`)."""
 
@@ -116,7 +116,7 @@ class PropertyRecord:
     value_system: str | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class ConceptRecord:
     """A concept of a code system, with its parents as codes."""
 
@@ -156,7 +156,7 @@ class CodeSystemRecord:
     concepts: list[ConceptRecord] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(slots=True)
 class ComposeConceptRecord:
     """An ``include.concept`` (or ``exclude.concept``) and what the value set says of it."""
 
