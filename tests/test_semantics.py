@@ -24,7 +24,7 @@ from thodb.expand import ExpandOptions, Member, expand
 from thodb.fhir import operations as fhir_operations
 from thodb.languages import LanguagePreference
 from thodb.outcome import TerminologyError
-from thodb.query import Coding, ValidateOptions, validate_coding
+from thodb.query import Coding, ValidateOptions, Validation, validate_coding
 from thodb.sqlfunctions import regexp
 from thodb.versions import VersionRules, matches, newest, resolve
 
@@ -415,8 +415,7 @@ def test_compose_inactive_false_leaves_inactive_codes_out_everywhere(
         )
     assert view == every - inactive
     expected = _json("inactive/validate-inactive-2a-response-parameters.json")
-    assert answer.result is _parameter(expected, "result")["valueBoolean"]
-    assert {(i.severity, i.code, i.tx_type) for i in answer.issues} == _issues(expected)
+    _assert_answers(answer, expected)
 
 
 def test_a_value_set_supplement_and_include_concept_annotations_dress_the_expansion(
@@ -479,8 +478,7 @@ def test_the_value_set_language_is_the_default_display_language(
             _parameter(request, "url")["valueUri"],
             Coding(coding["system"], coding["code"], None, coding["display"]),
         )
-    assert answer.result is _parameter(expected, "result")["valueBoolean"]
-    assert {(i.severity, i.code, i.tx_type) for i in answer.issues} == _issues(expected)
+    _assert_answers(answer, expected)
 
 
 def test_a_withdrawn_value_set_and_a_deprecated_code_system_are_reported(
@@ -493,6 +491,11 @@ def test_a_withdrawn_value_set_and_a_deprecated_code_system_are_reported(
             VS + "not-withdrawn",
             Coding("http://hl7.org/fhir/test/CodeSystem/deprecated", "code1"),
         )
+    _assert_answers(answer, expected)
+
+
+def _assert_answers(answer: Validation, expected: dict[str, Any]) -> None:
+    """``answer`` has HL7's expected result and issues (severity, code, issue type)."""
     assert answer.result is _parameter(expected, "result")["valueBoolean"]
     assert {(i.severity, i.code, i.tx_type) for i in answer.issues} == _issues(expected)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, aliased
@@ -227,6 +227,30 @@ def supplements_of(
     return ids
 
 
+# What ConceptDetails is made of, besides Concept.id.
+_CONCEPT_COLUMNS = (
+    Concept.code,
+    Concept.display,
+    Concept.definition,
+    Concept.status,
+    Concept.inactive,
+    Concept.abstract,
+)
+
+
+def _concept_details(row: Any) -> ConceptDetails:
+    """The details of a row of Concept.id and _CONCEPT_COLUMNS."""
+    return ConceptDetails(
+        id=row.id,
+        code=row.code,
+        display=row.display,
+        definition=row.definition,
+        status=row.status,
+        inactive=bool(row.inactive),
+        abstract=bool(row.abstract),
+    )
+
+
 def details(
     session: Session,
     code_system_id: int,
@@ -250,25 +274,11 @@ def details(
     found: dict[str, ConceptDetails] = {}
     for part in chunks(wanted):
         for row in session.execute(
-            sa.select(
-                Concept.id,
-                Concept.code,
-                Concept.display,
-                Concept.definition,
-                Concept.status,
-                Concept.inactive,
-                Concept.abstract,
-            ).where(Concept.code_system_id == code_system_id, Concept.code.in_(part))
-        ):
-            found[row.code] = ConceptDetails(
-                id=row.id,
-                code=row.code,
-                display=row.display,
-                definition=row.definition,
-                status=row.status,
-                inactive=bool(row.inactive),
-                abstract=bool(row.abstract),
+            sa.select(Concept.id, *_CONCEPT_COLUMNS).where(
+                Concept.code_system_id == code_system_id, Concept.code.in_(part)
             )
+        ):
+            found[row.code] = _concept_details(row)
     if not found:
         return found
     by_id = {concept.id: concept for concept in found.values()}
@@ -281,8 +291,9 @@ def details(
             by_id[concept_id].properties.append(prop)
     if hierarchy:
         _hierarchy(session, ids, by_id)
-    if supplements and (designations or properties):
-        _supplement(session, supplements, found, designations, properties)
+    add_supplements(
+        session, supplements, found, designations=designations, properties=properties
+    )
     return found
 
 
@@ -307,25 +318,8 @@ def member_details(
     )
     by_id: dict[int, ConceptDetails] = {}
     found: dict[tuple[str, str | None, str], ConceptDetails] = {}
-    for row in session.execute(
-        joined.add_columns(
-            Concept.code,
-            Concept.display,
-            Concept.definition,
-            Concept.status,
-            Concept.inactive,
-            Concept.abstract,
-        )
-    ):
-        entry = ConceptDetails(
-            id=row.id,
-            code=row.code,
-            display=row.display,
-            definition=row.definition,
-            status=row.status,
-            inactive=bool(row.inactive),
-            abstract=bool(row.abstract),
-        )
+    for row in session.execute(joined.add_columns(*_CONCEPT_COLUMNS)):
+        entry = _concept_details(row)
         by_id[row.id] = entry
         found[(row.system, row.version, row.code)] = entry
     if designations and by_id:
@@ -365,20 +359,6 @@ def member_details(
                 Property(row.property_code, row.type, row.value, row.value_system)
             )
     return found
-
-
-def add_supplements(
-    session: Session,
-    supplements: Sequence[int],
-    found: dict[str, ConceptDetails],
-    *,
-    designations: bool,
-    properties: bool | Collection[str],
-) -> None:
-    """Add the designations and properties that supplements give the concepts ``found``
-    (of one code system, by code)."""
-    if supplements and found and (designations or properties):
-        _supplement(session, supplements, found, designations, properties)
 
 
 def _designations(
@@ -451,13 +431,18 @@ def _hierarchy(
             by_id[parent_id].children.append(code)
 
 
-def _supplement(
+def add_supplements(
     session: Session,
     supplements: Sequence[int],
     found: dict[str, ConceptDetails],
+    *,
     designations: bool,
     properties: bool | Collection[str],
 ) -> None:
+    """Add the designations and properties that supplements give the concepts ``found``
+    (of one code system, by code)."""
+    if not (supplements and found and (designations or properties)):
+        return
     extra: dict[str, list[int]] = defaultdict(list)
     for part in chunks(sorted(found)):
         for row in session.execute(
