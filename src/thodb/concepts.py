@@ -122,10 +122,6 @@ class CodeSystemInfo:
 
 def info(row: CodeSystem) -> CodeSystemInfo:
     """The :class:`CodeSystemInfo` of a ``code_system`` row."""
-    return _info(row)
-
-
-def _info(row: CodeSystem) -> CodeSystemInfo:
     return CodeSystemInfo(
         id=row.id,
         url=row.url,
@@ -154,7 +150,7 @@ def code_system_versions(session: Session, url: str) -> list[CodeSystemInfo]:
         )
     ).all()
     return sorted(
-        (_info(row) for row in rows), key=lambda cs: versions.sort_key(cs.version)
+        (info(row) for row in rows), key=lambda cs: versions.sort_key(cs.version)
     )
 
 
@@ -171,7 +167,7 @@ def code_system_versions_of(
                 sa.func.coalesce(CodeSystem.content, "") != "supplement",
             )
         ):
-            found[row.url].append(_info(row))
+            found[row.url].append(info(row))
     for listed in found.values():
         listed.sort(key=lambda cs: versions.sort_key(cs.version))
     return found
@@ -202,7 +198,7 @@ def find_supplement(session: Session, reference: str) -> CodeSystemInfo | None:
     if not storable(url):
         return None
     rows = [
-        _info(row)
+        info(row)
         for row in session.scalars(
             sa.select(CodeSystem).where(
                 CodeSystem.url == url, CodeSystem.content == "supplement"

@@ -953,8 +953,8 @@ def expand(
             value_set, members = _read_consistently(session, url, version, live)
             return _expand(session, value_set, members, options, stored=not live)
     value_set = find_value_set(session, url, version)
-    token = refresh_token(session)
-    key = (str(session.get_bind().engine.url), token, value_set.id, repr(options))
+    database, token = membership_state(session)
+    key = (database, token, value_set.id, repr(options))
     found = _CACHE.get(key)
     if found is not None:
         return replace(found, contains=list(found.contains))
@@ -971,6 +971,12 @@ def expand(
 def refresh_token(session: Session) -> str | None:
     """The token of the current membership (see :class:`thodb.models.RefreshState`)."""
     return session.scalar(sa.select(RefreshState.token))
+
+
+def membership_state(session: Session) -> tuple[str, str | None]:
+    """(database, refresh token): what a cache of answers derived from the membership
+    is keyed by. Where the token is ``None`` nothing may be cached."""
+    return str(session.get_bind().engine.url), refresh_token(session)
 
 
 class _ExpansionCache:
@@ -1007,11 +1013,6 @@ class _ExpansionCache:
             while self._size > self.budget:
                 _, dropped = self._entries.popitem(last=False)
                 self._size -= max(1, len(dropped.contains))
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._size = 0
 
 
 #: The expansion cache of this process (see :func:`expand`).

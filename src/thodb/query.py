@@ -37,6 +37,7 @@ from thodb.expand import (
     default_language,
     find_value_set,
     listed_annotations,
+    membership_state,
     problem_of,
     refresh_token,
     version_scope,
@@ -262,8 +263,8 @@ def _value_set_scope(session: Session, value_set: ValueSet) -> _Scope:
                 value_set.expansion_error or "it has not been expanded",
                 problem,
             )
-    token = refresh_token(session)
-    key = (str(session.get_bind().engine.url), token, value_set.id)
+    database, token = membership_state(session)
+    key = (database, token, value_set.id)
     with _SCOPES_LOCK:
         known = _SCOPES.get(key)
     if known is None:

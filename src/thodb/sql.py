@@ -44,8 +44,8 @@ def render(
     :param pending_only: limit :data:`RULE_CODES` and :data:`MATERIALIZE` to the value
         sets whose ``expansion_status`` is ``pending`` (an incremental refresh).
     """
-    sqlite = schema_prefix(bind) == ""
     p = schema_prefix(bind)
+    sqlite = p == ""
     return text(
         template.format(
             p=p,
