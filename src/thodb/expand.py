@@ -1084,7 +1084,7 @@ def _expand(
     used = used_code_systems(session, reached)
     check_versions(used, options.versions)
     supplements = [
-        _supplement(session, reference)
+        require_supplement(session, reference)
         for reference in dict.fromkeys(
             (*options.supplements, *(value_set.supplements or ()))
         )
@@ -1167,7 +1167,11 @@ def _versioned_systems(
     )
 
 
-def _supplement(session: Session, reference: str) -> CodeSystemInfo:
+def require_supplement(session: Session, reference: str) -> CodeSystemInfo:
+    """The loaded supplement ``reference`` names.
+
+    :raises TerminologyError: (``not-found``) when it is not loaded.
+    """
     found = concepts.find_supplement(session, reference)
     if found is None:
         raise TerminologyError.single(

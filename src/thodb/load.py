@@ -369,9 +369,7 @@ def _insert_returning_ids(
         return []
     if not is_sqlite(session):
         ids = _allocate_ids(session, model, len(rows))
-        _copy(
-            session, model, [{"id": i, **row} for i, row in zip(ids, rows, strict=True)]
-        )
+        _copy(session, model, rows, ids)
         return ids
     statement = sa.insert(model).returning(model.id, sort_by_parameter_order=True)
     return list(session.scalars(statement, rows))
@@ -391,31 +389,37 @@ def _allocate_ids(session: Session, model: type[Any], count: int) -> list[int]:
     )
 
 
-def _copy(session: Session, model: type[Any], rows: list[dict[str, Any]]) -> None:
+def _copy(
+    session: Session,
+    model: type[Any],
+    rows: list[dict[str, Any]],
+    ids: Sequence[int] | None = None,
+) -> None:
     """Write ``rows`` (all with the same keys) into ``model``'s table with COPY.
 
     PostgreSQL's COPY takes the rows as one stream: several times faster than INSERT
     statements, in the session's transaction like them.
+
+    :param ids: the ``id`` of each row, when the rows do not hold it.
     """
     table = model.__table__
     names = list(rows[0])
     as_json = {c.name for c in table.columns if isinstance(c.type, sa.JSON)}
     statement = psycopg_sql.SQL("COPY {} ({}) FROM STDIN").format(
         psycopg_sql.Identifier(table.schema, table.name),
-        psycopg_sql.SQL(", ").join(psycopg_sql.Identifier(n) for n in names),
+        psycopg_sql.SQL(", ").join(
+            psycopg_sql.Identifier(n) for n in (["id"] if ids else []) + names
+        ),
     )
     raw = session.connection().connection.driver_connection
     assert raw is not None, "the session's connection is open"
     with raw.cursor() as cursor, cursor.copy(statement) as copy:
-        for row in rows:
-            copy.write_row(
-                [
-                    json.dumps(row[n])
-                    if n in as_json and row[n] is not None
-                    else row[n]
-                    for n in names
-                ]
-            )
+        for i, row in enumerate(rows):
+            values = [
+                json.dumps(row[n]) if n in as_json and row[n] is not None else row[n]
+                for n in names
+            ]
+            copy.write_row([ids[i], *values] if ids else values)
 
 
 def _existing(

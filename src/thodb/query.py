@@ -40,6 +40,7 @@ from thodb.expand import (
     membership_state,
     problem_of,
     refresh_token,
+    require_supplement,
     version_scope,
 )
 from thodb.languages import (
@@ -1060,15 +1061,9 @@ def _run(
     return _answer(validator, checks, mode)
 
 
-def _supplements(session: Session, options: ValidateOptions) -> None:
-    for reference in options.supplements:
-        if concepts.find_supplement(session, reference) is None:
-            raise TerminologyError.single(
-                "not-found",
-                "not-found",
-                f"the supplement {reference} is not loaded",
-                message_id="VALUESET_SUPPLEMENT_MISSING",
-            )
+def _supplements(session: Session, references: Sequence[str]) -> None:
+    for reference in references:
+        require_supplement(session, reference)
 
 
 def _defaults(
@@ -1081,13 +1076,14 @@ def _defaults(
     if options.language is None:
         options = replace(options, language=default_language(value_set))
     if value_set.supplements:
+        # The request's own supplements were checked before the value set was read.
+        _supplements(session, tuple(value_set.supplements))
         options = replace(
             options,
             supplements=tuple(
                 dict.fromkeys((*options.supplements, *value_set.supplements))
             ),
         )
-    _supplements(session, options)
     return options
 
 
@@ -1153,7 +1149,7 @@ def validate_concept(
     :raises ValueSetNotFound: see :func:`validate_code`.
     """
     options = options or ValidateOptions()
-    _supplements(session, options)
+    _supplements(session, options.supplements)
     with version_scope(session, options.versions):
         for _ in range(_READ_ATTEMPTS):
             value_set = find_value_set(session, url, version)
@@ -1191,7 +1187,7 @@ def validate_in_code_system(
     :raises TerminologyError: when no code system is given.
     """
     options = options or ValidateOptions()
-    _supplements(session, options)
+    _supplements(session, options.supplements)
     first = codings[0] if codings else Coding(None, None)
     system = url or first.system
     if system is None:
@@ -1262,17 +1258,7 @@ def lookup(
     cs = concepts.find_code_system(session, system, version)
     if cs is None:
         raise NotFoundError(f"code system {canonical(system, version)} is not loaded")
-    used = []
-    for reference in supplements:
-        found = concepts.find_supplement(session, reference)
-        if found is None:
-            raise TerminologyError.single(
-                "not-found",
-                "not-found",
-                f"the supplement {reference} is not loaded",
-                message_id="VALUESET_SUPPLEMENT_MISSING",
-            )
-        used.append(found)
+    used = [require_supplement(session, reference) for reference in supplements]
     located = concepts.locate(session, cs, code)
     if located is None:
         raise NotFoundError(f"code {code!r} is not in code system {cs.canonical}")
