@@ -5,6 +5,7 @@ from __future__ import annotations
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
 from pydicom.sr.coding import Code
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
@@ -16,6 +17,19 @@ def code_item(code: Code | hd.sr.CodedConcept) -> Dataset:
     item.CodingSchemeDesignator = code.scheme_designator
     item.CodeMeaning = code.meaning
     return item
+
+
+def referenced_instances(target: Dataset, purposes: list[Code]) -> Sequence:
+    """A Referenced Instance Sequence (SR Document General Module) naming ``target``
+    once for each purpose of reference."""
+    references = []
+    for purpose in purposes:
+        reference = Dataset()
+        reference.ReferencedSOPClassUID = target.SOPClassUID
+        reference.ReferencedSOPInstanceUID = target.SOPInstanceUID
+        reference.PurposeOfReferenceCodeSequence = Sequence([code_item(purpose)])
+        references.append(reference)
+    return Sequence(references)
 
 
 def ct_slice(

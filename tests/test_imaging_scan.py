@@ -20,7 +20,7 @@ from pydicom.sequence import Sequence
 from pydicom.sr.coding import Code
 from pydicom.uid import CTImageStorage, generate_uid
 
-from dicom_objects import code_item, ct_slice
+from dicom_objects import code_item, ct_slice, referenced_instances
 from thodb.errors import LoadError
 from thodb.imaging.scan import CodedItem, ScanResult, iter_coded_items, scan
 from thodb.imaging.schemes import SCHEMES, scheme_for, system_for
@@ -200,14 +200,9 @@ def _structured_report(seg: Dataset) -> Dataset:
 
     # Referenced Instance Sequence (SR Document General Module), one purpose in CID 7250
     # and one outside it.
-    references = []
-    for purpose in (REFERENCED_SEGMENT, SEGMENTATION):
-        reference = Dataset()
-        reference.ReferencedSOPClassUID = seg.SOPClassUID
-        reference.ReferencedSOPInstanceUID = seg.SOPInstanceUID
-        reference.PurposeOfReferenceCodeSequence = Sequence([code_item(purpose)])
-        references.append(reference)
-    sr.ReferencedInstanceSequence = Sequence(references)
+    sr.ReferencedInstanceSequence = referenced_instances(
+        seg, [REFERENCED_SEGMENT, SEGMENTATION]
+    )
 
     # A URN Code Value may go without a Coding Scheme Designator (PS3.3 Table 8.8-1).
     urn_item = Dataset()

@@ -31,7 +31,7 @@ from sqlalchemy.engine import Engine
 
 import thodb.imaging
 from conftest import table_checksums
-from dicom_objects import code_item, ct_slice
+from dicom_objects import code_item, ct_slice, referenced_instances
 from thodb import migrate
 from thodb.cli import main
 from thodb.db import schema_prefix
@@ -154,14 +154,9 @@ def _structured_report(seg: Dataset) -> Dataset:
     )
     # Referenced Instance Sequence (SR Document General Module): one purpose in
     # image-reference-type, one outside it.
-    references = []
-    for purpose in (REFERENCED_SEGMENT, SEGMENTATION):
-        reference = Dataset()
-        reference.ReferencedSOPClassUID = seg.SOPClassUID
-        reference.ReferencedSOPInstanceUID = seg.SOPInstanceUID
-        reference.PurposeOfReferenceCodeSequence = Sequence([code_item(purpose)])
-        references.append(reference)
-    sr.ReferencedInstanceSequence = Sequence(references)
+    sr.ReferencedInstanceSequence = referenced_instances(
+        seg, [REFERENCED_SEGMENT, SEGMENTATION]
+    )
     return sr
 
 
