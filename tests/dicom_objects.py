@@ -32,6 +32,15 @@ def referenced_instances(target: Dataset, purposes: list[Code]) -> Sequence:
     return Sequence(references)
 
 
+def name_localizer(slices: list[Dataset], purpose: Code) -> None:
+    """Make the last slice name the first in its Referenced Image Sequence."""
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = slices[0].SOPClassUID
+    reference.ReferencedSOPInstanceUID = slices[0].SOPInstanceUID
+    reference.PurposeOfReferenceCodeSequence = Sequence([code_item(purpose)])
+    slices[-1].ReferencedImageSequence = Sequence([reference])
+
+
 def ct_slice(
     *, study: str, series: str, frame_of_reference: str, uid: str, index: int, size: int
 ) -> Dataset:

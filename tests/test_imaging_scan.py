@@ -18,9 +18,14 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.sr.coding import Code
-from pydicom.uid import CTImageStorage, generate_uid
+from pydicom.uid import generate_uid
 
-from dicom_objects import code_item, ct_slice, referenced_instances
+from dicom_objects import (
+    code_item,
+    ct_slice,
+    name_localizer,
+    referenced_instances,
+)
 from thodb.errors import LoadError
 from thodb.imaging.scan import CodedItem, ScanResult, iter_coded_items, scan
 from thodb.imaging.schemes import SCHEMES, scheme_for, system_for
@@ -90,11 +95,7 @@ def _ct_series(count: int = 3, size: int = 8) -> list[Dataset]:
         slices.append(ct)
 
     # The last slice names the first as its localizer.
-    reference = Dataset()
-    reference.ReferencedSOPClassUID = CTImageStorage
-    reference.ReferencedSOPInstanceUID = slices[0].SOPInstanceUID
-    reference.PurposeOfReferenceCodeSequence = Sequence([code_item(LOCALIZER)])
-    slices[-1].ReferencedImageSequence = Sequence([reference])
+    name_localizer(slices, LOCALIZER)
     return slices
 
 

@@ -24,14 +24,17 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence
 from pydicom.sr.coding import Code
-from pydicom.uid import CTImageStorage, generate_uid
+from pydicom.uid import generate_uid
 from sqlalchemy.engine import Engine
 
 import thodb.imaging
 from conftest import table_checksums
-from dicom_objects import code_item, ct_slice, referenced_instances
+from dicom_objects import (
+    ct_slice,
+    name_localizer,
+    referenced_instances,
+)
 from thodb import migrate
 from thodb.cli import main
 from thodb.db import schema_prefix
@@ -93,11 +96,7 @@ def _ct_series(count: int = 2, size: int = 8) -> list[Dataset]:
             size=size,
         )
         slices.append(ct)
-    reference = Dataset()
-    reference.ReferencedSOPClassUID = CTImageStorage
-    reference.ReferencedSOPInstanceUID = slices[0].SOPInstanceUID
-    reference.PurposeOfReferenceCodeSequence = Sequence([code_item(LOCALIZER)])
-    slices[-1].ReferencedImageSequence = Sequence([reference])
+    name_localizer(slices, LOCALIZER)
     return slices
 
 
