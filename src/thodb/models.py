@@ -374,6 +374,10 @@ class ValueSetMember(Base):
     value_set_id: Mapped[int] = mapped_column(_fk("value_set.id"), primary_key=True)
     system: Mapped[str] = mapped_column(Text, primary_key=True)
     code: Mapped[str] = mapped_column(Text, primary_key=True)
+    #: The value set's url and version, repeated so that a query by url reads this
+    #: table alone and is planned from its statistics (revision 0006).
+    value_set_url: Mapped[str] = mapped_column(Text)
+    value_set_version: Mapped[str | None] = mapped_column(Text)
     #: The code system's version when it is loaded, else the include's version.
     version: Mapped[str | None] = mapped_column(Text)
     #: The code system's display when it is loaded, else the value set's display.
@@ -386,6 +390,12 @@ class ValueSetMember(Base):
 
 
 Index("ix_value_set_member_system_code", ValueSetMember.system, ValueSetMember.code)
+Index(
+    "ix_value_set_member_url_system_code",
+    ValueSetMember.value_set_url,
+    ValueSetMember.system,
+    ValueSetMember.code,
+)
 
 
 class RefreshState(Base):

@@ -379,11 +379,16 @@ target(value_set_id) AS (
     + _MEMBERS
     + """
 INSERT INTO {p}value_set_member
-    (value_set_id, system, code, version, display, inactive, abstract, concept_id)
-"""
+    (value_set_id, system, code, version, display, inactive, abstract, concept_id,
+     value_set_url, value_set_version)
+SELECT c.value_set_id, c.system, c.code, c.version, c.display, c.inactive, c.abstract,
+       c.concept_id, vs.url, vs.version
+FROM ("""
     + _COLLAPSE
     + """
 GROUP BY value_set_id, system, code
+) c
+JOIN {p}value_set vs ON vs.id = c.value_set_id
 """
 )
 
