@@ -1,24 +1,27 @@
 """Concept details read in bulk: designations, properties and hierarchy edges.
 
 ``$expand``, ``$validate-code`` and ``$lookup`` all show more of a concept than the
-membership rows hold. :func:`details` reads it for many concepts at once (one query per
-kind of detail, in chunks), never one query per concept. Supplements
+membership rows hold. :func:`details` (by code) and :func:`by_id` read it for many
+concepts at once (one query per kind of detail), never one query per concept. Supplements
 (``CodeSystem.content = supplement``) add designations and properties to the concepts
 of the code system they supplement when a request names them.
 """
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 
 from thodb import versions
 from thodb.canonical import split_canonical
+from thodb.db import is_sqlite
 from thodb.languages import Designation
 from thodb.models import (
     CodeSystem,
@@ -26,8 +29,10 @@ from thodb.models import (
     ConceptDesignation,
     ConceptParent,
     ConceptProperty,
-    ValueSetMember,
 )
+
+#: Concept ids: given, or a statement that selects them (see :func:`id_in`).
+Ids = Collection[int] | sa.Select[Any]
 
 #: Rows per ``IN (...)`` list: below SQLite's default bound-parameter limit.
 CHUNK = 500
@@ -77,7 +82,7 @@ class Property:
     system: str | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class ConceptDetails:
     """What :func:`details` found for one concept."""
 
@@ -293,138 +298,126 @@ def details(
     return found
 
 
-def member_details(
+def by_id(
     session: Session,
-    value_set_id: int,
+    ids: Ids,
     *,
     designations: bool = False,
     properties: bool | Collection[str] = True,
-) -> dict[tuple[str, str | None, str], ConceptDetails]:
-    """:func:`details` of every member of a value set, by (system, version, code).
+) -> dict[int, ConceptDetails]:
+    """:func:`details` of the concepts ``ids`` (of any code systems), by id.
 
-    The members are read from ``value_set_member`` and joined to their concepts by
-    ``concept_id``, so three statements at most answer for any number of members.
-    Members of code systems that are not loaded have no entry.
+    :param ids: the ids, or a statement selecting them (see :func:`id_in`).
+
+    One statement per kind of detail, whatever the number of ids (no hierarchy).
     """
-    member = ValueSetMember
-    joined = (
-        sa.select(member.system, member.version, Concept.id)
-        .join(Concept, Concept.id == member.concept_id)
-        .where(member.value_set_id == value_set_id)
-    )
-    by_id: dict[int, ConceptDetails] = {}
-    found: dict[tuple[str, str | None, str], ConceptDetails] = {}
-    for row in session.execute(joined.add_columns(*_CONCEPT_COLUMNS)):
-        entry = _concept_details(row)
-        by_id[row.id] = entry
-        found[(row.system, row.version, row.code)] = entry
-    if designations and by_id:
-        for row in session.execute(
-            joined.join(ConceptDesignation, ConceptDesignation.concept_id == Concept.id)
-            .add_columns(
-                ConceptDesignation.value,
-                ConceptDesignation.language,
-                ConceptDesignation.use_system,
-                ConceptDesignation.use_code,
-                ConceptDesignation.standards_status,
-            )
-            .order_by(ConceptDesignation.id)
-        ):
-            by_id[row.id].designations.append(
-                Designation(
-                    row.value,
-                    row.language,
-                    row.use_system,
-                    row.use_code,
-                    row.standards_status,
-                )
-            )
-    if properties and by_id:
-        statement = joined.join(
-            ConceptProperty, ConceptProperty.concept_id == Concept.id
-        ).add_columns(
-            ConceptProperty.code.label("property_code"),
-            ConceptProperty.type,
-            ConceptProperty.value,
-            ConceptProperty.value_system,
+    found: dict[int, ConceptDetails] = {}
+    if not isinstance(ids, sa.Select) and not ids:
+        return found
+    for id_, code, display, definition, status, inactive, abstract in session.execute(
+        sa.select(Concept.id, *_CONCEPT_COLUMNS).where(id_in(session, Concept.id, ids))
+    ):
+        found[id_] = ConceptDetails(
+            id_, code, display, definition, status, bool(inactive), bool(abstract)
         )
-        if not isinstance(properties, bool):
-            statement = statement.where(ConceptProperty.code.in_(sorted(properties)))
-        for row in session.execute(statement.order_by(ConceptProperty.id)):
-            by_id[row.id].properties.append(
-                Property(row.property_code, row.type, row.value, row.value_system)
-            )
+    if designations and found:
+        for concept_id, designation in _designations(session, ids):
+            found[concept_id].designations.append(designation)
+    if properties and found:
+        for concept_id, prop in _properties(session, ids, properties):
+            found[concept_id].properties.append(prop)
     return found
 
 
-def _designations(
-    session: Session, ids: Sequence[int]
-) -> Iterator[tuple[int, Designation]]:
-    for part in chunks(ids):
-        for row in session.execute(
-            sa.select(
-                ConceptDesignation.concept_id,
-                ConceptDesignation.value,
-                ConceptDesignation.language,
-                ConceptDesignation.use_system,
-                ConceptDesignation.use_code,
-                ConceptDesignation.standards_status,
-            )
-            .where(ConceptDesignation.concept_id.in_(part))
-            .order_by(ConceptDesignation.id)
-        ):
-            yield (
-                row.concept_id,
-                Designation(
-                    row.value,
-                    row.language,
-                    row.use_system,
-                    row.use_code,
-                    row.standards_status,
-                ),
-            )
+def id_in(
+    session: Session,
+    column: InstrumentedAttribute[int],
+    ids: Ids,
+) -> sa.ColumnElement[bool]:
+    """``column`` holds one of ``ids`` (given, or selected by a statement).
+
+    On PostgreSQL the ids are an array (``= ANY``), probed by index: a statement's
+    ids become an array in the server (an ``IN`` subquery or a join would be planned
+    without knowing how many there are, and could hash a whole table); given ids are
+    one array parameter. On SQLite, ``IN`` the statement, or a JSON array read by
+    ``json_each``. Either way the statement does not grow with the number of ids, so
+    its compiled form is cached and no parameter limit applies.
+    """
+    if isinstance(ids, sa.Select):
+        if is_sqlite(session):
+            return column.in_(ids)
+        return column == sa.any_(sa.func.array(ids.scalar_subquery()))
+    if is_sqlite(session):
+        listed = sa.func.json_each(json.dumps(list(ids))).table_valued("value")
+        return column.in_(sa.select(listed.c.value))
+    return column == sa.any_(sa.bindparam(None, list(ids), type_=ARRAY(sa.Integer)))
+
+
+def _designations(session: Session, ids: Ids) -> Iterator[tuple[int, Designation]]:
+    for row in session.execute(
+        sa.select(
+            ConceptDesignation.concept_id,
+            ConceptDesignation.value,
+            ConceptDesignation.language,
+            ConceptDesignation.use_system,
+            ConceptDesignation.use_code,
+            ConceptDesignation.standards_status,
+        )
+        .where(id_in(session, ConceptDesignation.concept_id, ids))
+        .order_by(ConceptDesignation.id)
+    ):
+        yield (
+            row.concept_id,
+            Designation(
+                row.value,
+                row.language,
+                row.use_system,
+                row.use_code,
+                row.standards_status,
+            ),
+        )
 
 
 def _properties(
-    session: Session, ids: Sequence[int], only: bool | Collection[str] = True
+    session: Session,
+    ids: Ids,
+    only: bool | Collection[str] = True,
 ) -> Iterator[tuple[int, Property]]:
     """Property values of the concepts ``ids``: all, or those whose code is in ``only``."""
-    for part in chunks(ids):
-        statement = sa.select(
-            ConceptProperty.concept_id,
-            ConceptProperty.code,
-            ConceptProperty.type,
-            ConceptProperty.value,
-            ConceptProperty.value_system,
-        ).where(ConceptProperty.concept_id.in_(part))
-        if not isinstance(only, bool):
-            statement = statement.where(ConceptProperty.code.in_(sorted(only)))
-        for row in session.execute(statement.order_by(ConceptProperty.id)):
-            yield (
-                row.concept_id,
-                Property(row.code, row.type, row.value, row.value_system),
-            )
+    statement = sa.select(
+        ConceptProperty.concept_id,
+        ConceptProperty.code,
+        ConceptProperty.type,
+        ConceptProperty.value,
+        ConceptProperty.value_system,
+    ).where(id_in(session, ConceptProperty.concept_id, ids))
+    if not isinstance(only, bool):
+        statement = statement.where(ConceptProperty.code.in_(sorted(only)))
+    for row in session.execute(statement.order_by(ConceptProperty.id)):
+        yield (
+            row.concept_id,
+            Property(row.code, row.type, row.value, row.value_system),
+        )
 
 
 def _hierarchy(
-    session: Session, ids: Sequence[int], by_id: dict[int, ConceptDetails]
+    session: Session, ids: Collection[int], by_id: dict[int, ConceptDetails]
 ) -> None:
     other = aliased(Concept)
-    for part in chunks(ids):
-        for concept_id, code in session.execute(
-            sa.select(ConceptParent.concept_id, other.code)
-            .join(other, other.id == ConceptParent.parent_id)
-            .where(ConceptParent.concept_id.in_(part))
-            .order_by(other.id)
-        ):
-            by_id[concept_id].parents.append(code)
-        for parent_id, code in session.execute(
-            sa.select(ConceptParent.parent_id, other.code)
-            .join(other, other.id == ConceptParent.concept_id)
-            .where(ConceptParent.parent_id.in_(part))
-            .order_by(other.id)
-        ):
-            by_id[parent_id].children.append(code)
+    for concept_id, code in session.execute(
+        sa.select(ConceptParent.concept_id, other.code)
+        .join(other, other.id == ConceptParent.parent_id)
+        .where(id_in(session, ConceptParent.concept_id, ids))
+        .order_by(other.id)
+    ):
+        by_id[concept_id].parents.append(code)
+    for parent_id, code in session.execute(
+        sa.select(ConceptParent.parent_id, other.code)
+        .join(other, other.id == ConceptParent.concept_id)
+        .where(id_in(session, ConceptParent.parent_id, ids))
+        .order_by(other.id)
+    ):
+        by_id[parent_id].children.append(code)
 
 
 def add_supplements(

@@ -36,6 +36,7 @@ membership recomputed inside a savepoint that is rolled back afterwards.
 from __future__ import annotations
 
 import logging
+import operator
 import re
 import threading
 import uuid
@@ -43,6 +44,7 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -94,7 +96,7 @@ IMPLICIT_PROPERTIES = frozenset(
 SHOWN_PROPERTIES = frozenset({"status", "order", "label", "weight"})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Member:
     """One code of an expansion (``ValueSet.expansion.contains``).
 
@@ -1025,7 +1027,7 @@ _READ_ATTEMPTS = 5
 
 def _read_consistently(
     session: Session, url: str, version: str | None, live: bool
-) -> tuple[ValueSet, list[Member]]:
+) -> tuple[ValueSet, list[_Row]]:
     """The value set and its members, as one committed state saw them.
 
     Under PostgreSQL's READ COMMITTED each statement sees the latest commit, so a
@@ -1068,12 +1070,12 @@ def default_language(value_set: ValueSet) -> LanguagePreference | None:
 def _expand(
     session: Session,
     value_set: ValueSet,
-    members: list[Member],
+    rows: list[_Row],
     options: ExpandOptions,
     *,
     stored: bool,
 ) -> Expansion:
-    """The expansion of ``value_set`` from its ``members`` (``stored``: its
+    """The expansion of ``value_set`` from its membership ``rows`` (``stored``: its
     ``value_set_member`` rows, not a live computation)."""
     name = canonical(value_set.url, value_set.version)
     if options.language is None:
@@ -1090,13 +1092,21 @@ def _expand(
         )
     ]
 
+    concept_ids: concepts.Ids = (
+        sa.select(ValueSetMember.concept_id).where(
+            ValueSetMember.value_set_id == value_set.id,
+            ValueSetMember.concept_id.is_not(None),
+        )
+        if stored
+        else {row.concept_id for row in rows if row.concept_id is not None}
+    )
     members = _decorate(
         session,
-        members,
+        rows,
+        concept_ids,
         options,
         supplements,
         listed_annotations(session, reached),
-        stored=value_set.id if stored else None,
     )
     members = [m for m in members if _wanted(m, options)]
     total = len(members)
@@ -1183,9 +1193,25 @@ def require_supplement(session: Session, reference: str) -> CodeSystemInfo:
     return found
 
 
-def _read_members(session: Session, value_set_id: int, live: bool) -> list[Member]:
+class _Row(NamedTuple):
+    """A membership row, from ``value_set_member`` or :data:`thodb.sql.EXPAND_LIVE`.
+
+    (A plain tuple: a database row's attributes are read by name, several times
+    slower, and an expansion reads each of them a few times.)
+    """
+
+    system: str
+    code: str
+    display: str | None
+    version: str | None
+    inactive: bool
+    abstract: bool
+    concept_id: int | None
+
+
+def _read_members(session: Session, value_set_id: int, live: bool) -> list[_Row]:
     if live:
-        rows: Iterable[sa.Row[tuple[object, ...]]] = session.execute(
+        rows = session.execute(
             sql.render(session, sql.EXPAND_LIVE), {"value_set_id": value_set_id}
         )
     else:
@@ -1197,21 +1223,15 @@ def _read_members(session: Session, value_set_id: int, live: bool) -> list[Membe
                 ValueSetMember.version,
                 ValueSetMember.inactive,
                 ValueSetMember.abstract,
+                ValueSetMember.concept_id,
             )
             .where(ValueSetMember.value_set_id == value_set_id)
             .order_by(ValueSetMember.system, ValueSetMember.code)
         )
-    return [
-        Member(
-            system=str(row.system),
-            code=str(row.code),
-            display=_text(row.display),
-            version=_text(row.version),
-            inactive=bool(row.inactive),
-            abstract=bool(row.abstract),
-        )
-        for row in rows
-    ]
+    # By name: the live statement has more columns, in another order.
+    keys = list(rows.keys())
+    pick = operator.itemgetter(*(keys.index(name) for name in _Row._fields))
+    return list(map(_Row._make, map(pick, rows)))
 
 
 @dataclass(frozen=True)
@@ -1286,77 +1306,72 @@ def listed_annotations(
 
 def _decorate(
     session: Session,
-    members: list[Member],
+    rows: list[_Row],
+    concept_ids: concepts.Ids,
     options: ExpandOptions,
     supplements: list[CodeSystemInfo],
     annotations: Mapping[tuple[str, str], Annotation],
-    stored: int | None = None,
 ) -> list[Member]:
-    """Add what the options ask for, and order the codes as their code systems do.
+    """The members of membership ``rows``, with what the options ask for, ordered as
+    their code systems order their concepts.
 
-    :param stored: the id of the value set whose ``value_set_member`` rows are
-        ``members``: their concepts are then read by joins, in a few statements.
+    The rows name their concepts by id (``concept_ids``: those ids, or a statement
+    selecting them), so a few statements read the details of any number of codes; a
+    member is made once, when all of it is known.
     """
     need_designations = bool(
         options.include_designations or options.language or options.filter
     )
     wanted_properties = {*options.properties, *SHOWN_PROPERTIES}
-    by_system: dict[tuple[str, str | None], list[Member]] = defaultdict(list)
-    for member in members:
-        by_system[(member.system, member.version)].append(member)
-    joined = (
-        concepts.member_details(
-            session,
-            stored,
-            designations=need_designations,
-            properties=wanted_properties,
-        )
-        if stored is not None
-        else None
+    found = concepts.by_id(
+        session,
+        concept_ids,
+        designations=need_designations,
+        properties=wanted_properties,
     )
-    result: list[tuple[tuple[str, int, str], Member]] = []
-    loaded = concepts.code_system_versions_of(session, {s for s, _ in by_system})
-    for (system, version), group in by_system.items():
-        cs = concepts.pick_version(loaded.get(system, []), version)
-        found: dict[str, ConceptDetails] = {}
-        language = cs.language if cs is not None else None
-        if cs is not None and cs.version == version:
-            applied = concepts.supplements_of(session, supplements, cs)
-            if joined is None:
-                found = concepts.details(
-                    session,
-                    cs.id,
-                    [m.code for m in group],
-                    supplements=applied,
-                    designations=need_designations,
-                    properties=wanted_properties,
-                    hierarchy=False,
-                )
-            else:
-                found = {
-                    m.code: joined[(system, version, m.code)]
-                    for m in group
-                    if (system, version, m.code) in joined
-                }
+    # The code system of each (system, version): the one its concepts came from.
+    loaded = concepts.code_system_versions_of(session, {row.system for row in rows})
+    systems = {
+        (system, version): next(
+            (cs for cs in loaded.get(system, []) if cs.version == version), None
+        )
+        for system, version in {(row.system, row.version) for row in rows}
+    }
+    if supplements:
+        for (system, version), cs in systems.items():
+            applied = (
+                [] if cs is None else concepts.supplements_of(session, supplements, cs)
+            )
+            if applied:
                 concepts.add_supplements(
                     session,
                     applied,
-                    found,
+                    {
+                        row.code: found[row.concept_id]
+                        for row in rows
+                        if row.concept_id in found
+                        and (row.system, row.version) == (system, version)
+                    },
                     designations=need_designations,
                     properties=wanted_properties,
                 )
-        for member in group:
-            details = found.get(member.code)
-            order = details.id if details is not None else 1 << 62
-            annotation = annotations.get((system, member.code))
-            if annotation is not None and details is not None:
-                details = annotated(details, annotation)
-            result.append(
-                (
-                    (system, order, member.code),
-                    _dress(member, details, options, language),
-                )
+    unloaded = 1 << 62  # after every concept of the code system, by code
+    result: list[tuple[tuple[str, int, str], Member]] = []
+    for row in rows:
+        system, code, display, version, inactive, abstract, concept_id = row
+        details = None if concept_id is None else found.get(concept_id)
+        if details is None:
+            member = Member(
+                system, code, display, version, bool(inactive), bool(abstract)
             )
+            result.append(((system, unloaded, code), member))
+            continue
+        annotation = annotations.get((system, code))
+        if annotation is not None:
+            details = annotated(details, annotation)
+        cs = systems[(system, version)]
+        member = _dress(row, details, options, None if cs is None else cs.language)
+        result.append(((system, details.id, code), member))
     result.sort(key=lambda item: item[0])
     return [member for _, member in result]
 
@@ -1378,24 +1393,20 @@ def annotated(details: ConceptDetails, annotation: Annotation) -> ConceptDetails
 
 
 def _dress(
-    member: Member,
-    details: ConceptDetails | None,
-    options: ExpandOptions,
-    language: str | None,
+    row: _Row, details: ConceptDetails, options: ExpandOptions, language: str | None
 ) -> Member:
-    """``member`` with what the options ask for; ``language`` is its displays' language."""
-    if details is None:
-        return member
+    """The member of ``row`` with what the options ask for from its concept's
+    ``details``; ``language`` is its code system's display language."""
     # Without a language preference the stored display stands: it was read with the
     # membership, from the same committed state.
-    display = member.display
+    display = row.display
     if options.language:
         display = pick_display(
             details.display, language, details.designations, options.language
         )
     if options.language and details.display is None:
         display = pick_display(
-            member.display, None, details.designations, options.language
+            row.display, None, details.designations, options.language
         )
     designations: tuple[Designation, ...] = ()
     if options.include_designations:
@@ -1413,24 +1424,19 @@ def _dress(
     for code in options.properties:
         if code == "definition" and details.definition is not None:
             properties.append(Property("definition", "string", details.definition))
-    shown = {*options.properties, *SHOWN_PROPERTIES}
-    properties += [p for p in details.properties if p.code in shown]
+    if details.properties:
+        shown = {*options.properties, *SHOWN_PROPERTIES}
+        properties += [p for p in details.properties if p.code in shown]
     if details.status is not None and not any(p.code == "status" for p in properties):
         properties.append(Property("status", "code", details.status))
     definition = details.definition if options.include_definition else None
-    if (
-        display == member.display
-        and details.status == member.status
-        and definition == member.definition
-        and not designations
-        and not properties
-        and not member.designations
-        and not member.properties
-    ):
-        return member  # nothing to add: most members of most expansions
-    return replace(
-        member,
-        display=display,
+    return Member(
+        row.system,
+        row.code,
+        display,
+        row.version,
+        bool(row.inactive),
+        bool(row.abstract),
         status=details.status,
         definition=definition,
         designations=designations,
