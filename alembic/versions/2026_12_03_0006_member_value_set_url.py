@@ -19,8 +19,11 @@ there, and every refresh writes them.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+
 import sqlalchemy as sa
 from alembic import op
+from alembic.operations import BatchOperations
 
 from thodb.db import schema_prefix
 
@@ -68,9 +71,11 @@ def _set_view(definition: str) -> None:
         op.execute(definition.format(p=p).replace("CREATE", "CREATE OR REPLACE", 1))
 
 
-def _members_table() -> object:
+def _members_table() -> AbstractContextManager[BatchOperations]:
     # Alembic writes ALTER TABLE itself, past the engine's schema map: SQLite has none.
-    return op.batch_alter_table("value_set_member", schema=None if _sqlite() else SCHEMA)
+    return op.batch_alter_table(
+        "value_set_member", schema=None if _sqlite() else SCHEMA
+    )
 
 
 def upgrade() -> None:
