@@ -119,6 +119,7 @@ def test_a_changed_value_set_recomputes_itself_and_its_importers_only(
     full = databases.engine(engine_kind)
     load_mod.load(full, [seeds])
     assert after == _state(full)
+    assert _members_misnaming_their_value_set(incremental) == 0
 
     # What changed is what the files say: the dropped code left the CID and its
     # importers' membership was recomputed; the rest is as before.
@@ -128,3 +129,23 @@ def test_a_changed_value_set_recomputes_itself_and_its_importers_only(
     cid = next(key for key in after if key[0] == resource["url"])
     assert dropped["code"] in {m[1] for m in before[cid][4]}
     assert dropped["code"] not in {m[1] for m in after[cid][4]}
+
+
+def _members_misnaming_their_value_set(engine: Engine) -> int:
+    """Membership rows whose repeated url or version is not their value set's."""
+    with session_scope(engine) as session:
+        return int(
+            session.scalar(
+                sa.select(sa.func.count())
+                .select_from(ValueSetMember)
+                .join(ValueSet, ValueSet.id == ValueSetMember.value_set_id)
+                .where(
+                    sa.or_(
+                        ValueSetMember.value_set_url != ValueSet.url,
+                        sa.func.coalesce(ValueSetMember.value_set_version, "")
+                        != sa.func.coalesce(ValueSet.version, ""),
+                    )
+                )
+            )
+            or 0
+        )

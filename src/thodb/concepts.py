@@ -304,28 +304,44 @@ def by_id(
     *,
     designations: bool = False,
     properties: bool | Collection[str] = True,
+    skip_plain: bool = False,
+    keep_codes: Collection[str] = (),
 ) -> dict[int, ConceptDetails]:
     """:func:`details` of the concepts ``ids`` (of any code systems), by id.
 
     :param ids: the ids, or a statement selecting them (see :func:`id_in`).
+    :param skip_plain: leave out the concepts that have no status, none of the
+        ``properties`` and (when read) no designation, unless their code is in
+        ``keep_codes``: what a caller that only needs the others would discard.
 
     One statement per kind of detail, whatever the number of ids (no hierarchy).
     """
     found: dict[int, ConceptDetails] = {}
     if not isinstance(ids, sa.Select) and not ids:
         return found
+    props = list(_properties(session, ids, properties)) if properties else []
+    named = list(_designations(session, ids)) if designations else []
+    wanted = id_in(session, Concept.id, ids)
+    if skip_plain:
+        with_details = {concept_id for concept_id, _ in (*props, *named)}
+        wanted = sa.and_(
+            wanted,
+            sa.or_(
+                Concept.status.is_not(None),
+                Concept.code.in_(sorted(keep_codes)),
+                id_in(session, Concept.id, with_details),
+            ),
+        )
     for id_, code, display, definition, status, inactive, abstract in session.execute(
-        sa.select(Concept.id, *_CONCEPT_COLUMNS).where(id_in(session, Concept.id, ids))
+        sa.select(Concept.id, *_CONCEPT_COLUMNS).where(wanted)
     ):
         found[id_] = ConceptDetails(
             id_, code, display, definition, status, bool(inactive), bool(abstract)
         )
-    if designations and found:
-        for concept_id, designation in _designations(session, ids):
-            found[concept_id].designations.append(designation)
-    if properties and found:
-        for concept_id, prop in _properties(session, ids, properties):
-            found[concept_id].properties.append(prop)
+    for concept_id, designation in named:
+        found[concept_id].designations.append(designation)
+    for concept_id, prop in props:
+        found[concept_id].properties.append(prop)
     return found
 
 

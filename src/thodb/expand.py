@@ -1323,11 +1323,22 @@ def _decorate(
         options.include_designations or options.language or options.filter
     )
     wanted_properties = {*options.properties, *SHOWN_PROPERTIES}
+    # A concept with no status, none of the shown properties and no annotation adds
+    # nothing to its member unless the options show its display or definition: such
+    # concepts (most of a large code system) are not read at all.
+    plain_is_bare = not (
+        need_designations
+        or options.include_definition
+        or "definition" in options.properties
+        or supplements
+    )
     found = concepts.by_id(
         session,
         concept_ids,
         designations=need_designations,
         properties=wanted_properties,
+        skip_plain=plain_is_bare,
+        keep_codes={code for _, code in annotations},
     )
     # The code system of each (system, version): the one its concepts came from.
     loaded = concepts.code_system_versions_of(session, {row.system for row in rows})
@@ -1364,7 +1375,8 @@ def _decorate(
             member = Member(
                 system, code, display, version, bool(inactive), bool(abstract)
             )
-            result.append(((system, unloaded, code), member))
+            order = unloaded if concept_id is None else concept_id
+            result.append(((system, order, code), member))
             continue
         annotation = annotations.get((system, code))
         if annotation is not None:
