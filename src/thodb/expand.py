@@ -1326,7 +1326,7 @@ def _decorate(
     # A concept with no status, none of the shown properties and no annotation adds
     # nothing to its member unless the options show its display or definition: such
     # concepts (most of a large code system) are not read at all.
-    plain_is_bare = not (
+    skip_plain = not (
         need_designations
         or options.include_definition
         or "definition" in options.properties
@@ -1337,7 +1337,7 @@ def _decorate(
         concept_ids,
         designations=need_designations,
         properties=wanted_properties,
-        skip_plain=plain_is_bare,
+        skip_plain=skip_plain,
         keep_codes={code for _, code in annotations},
     )
     # The code system of each (system, version): the one its concepts came from.
