@@ -41,7 +41,7 @@ import re
 import threading
 import uuid
 from collections import OrderedDict, defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
@@ -853,26 +853,6 @@ def find_code_system(
     return found
 
 
-def closure_select(value_set_id: int) -> sa.Select[tuple[int]]:
-    """The ids of :func:`closure` as a subquery (a recursive CTE), for ``IN``: a value
-    set that imports thousands would otherwise send thousands of parameters."""
-    reach = sa.select(
-        sa.cast(sa.literal(value_set_id), sa.Integer).label("value_set_id")
-    ).cte("reach", recursive=True)
-    step = (
-        sa.select(ComposeImport.value_set_id)
-        .join(ComposeRule, ComposeRule.id == ComposeImport.rule_id)
-        .join(reach, ComposeRule.value_set_id == reach.c.value_set_id)
-        .where(ComposeImport.value_set_id.is_not(None))
-    )
-    reach = reach.union(step)
-    return sa.select(reach.c.value_set_id)
-
-
-#: The most value set ids a statement takes as parameters (see closure_select).
-_IDS_AS_PARAMETERS = 2_000
-
-
 def closure(session: Session, value_set_id: int) -> list[int]:
     """Ids of ``value_set_id`` and of every value set it imports, directly or not."""
     return [
@@ -884,13 +864,13 @@ def closure(session: Session, value_set_id: int) -> list[int]:
 
 
 def used_code_systems(
-    session: Session, value_set_ids: Sequence[int] | sa.Select[tuple[int]]
+    session: Session, value_set_ids: concepts.Ids
 ) -> list[CodeSystemInfo]:
     """The code systems the includes of these value sets resolve to."""
     ids = session.scalars(
         sa.select(ComposeRule.code_system_id)
         .where(
-            ComposeRule.value_set_id.in_(value_set_ids),
+            concepts.id_in(session, ComposeRule.value_set_id, value_set_ids),
             ComposeRule.code_system_id.is_not(None),
         )
         .distinct()
@@ -1080,9 +1060,7 @@ def _expand(
     name = canonical(value_set.url, value_set.version)
     if options.language is None:
         options = replace(options, language=default_language(value_set))
-    ids = closure(session, value_set.id)
-    # The ids as parameters while they are few; beyond, the closure as a subquery.
-    reached = ids if len(ids) <= _IDS_AS_PARAMETERS else closure_select(value_set.id)
+    reached = closure(session, value_set.id)
     used = used_code_systems(session, reached)
     check_versions(used, options.versions)
     supplements = [
@@ -1140,7 +1118,8 @@ def _expand(
             canonical(row.url, row.version)
             for row in session.execute(
                 sa.select(ValueSet.url, ValueSet.version).where(
-                    ValueSet.id.in_(reached), ValueSet.id != value_set.id
+                    concepts.id_in(session, ValueSet.id, reached),
+                    ValueSet.id != value_set.id,
                 )
             )
         ),
@@ -1151,14 +1130,14 @@ def _expand(
 
 def _versioned_systems(
     session: Session,
-    value_set_ids: Sequence[int] | sa.Select[tuple[int]],
+    value_set_ids: concepts.Ids,
     members: list[Member],
 ) -> tuple[str, ...]:
     versions_of: dict[str, set[str | None]] = defaultdict(set)
     for system, version in session.execute(
         sa.select(ComposeRule.system, ComposeRule.version)
         .where(
-            ComposeRule.value_set_id.in_(value_set_ids),
+            concepts.id_in(session, ComposeRule.value_set_id, value_set_ids),
             ComposeRule.kind == "include",
             ComposeRule.system.is_not(None),
         )
@@ -1246,7 +1225,7 @@ class Annotation:
 
 def listed_annotations(
     session: Session,
-    value_set_ids: Sequence[int] | sa.Select[tuple[int]],
+    value_set_ids: concepts.Ids,
     only: tuple[str, str] | None = None,
 ) -> dict[tuple[str, str], Annotation]:
     """The designations and extension properties that the includes of the value sets
@@ -1265,7 +1244,7 @@ def listed_annotations(
         )
         .join(ComposeRule, ComposeRule.id == ComposeConcept.rule_id)
         .where(
-            ComposeRule.value_set_id.in_(value_set_ids),
+            concepts.id_in(session, ComposeRule.value_set_id, value_set_ids),
             ComposeRule.kind == "include",
             # The predicate of the partial index ix_compose_concept_annotated.
             sa.or_(
