@@ -4,7 +4,7 @@ One call of :func:`load` is one transaction: every file is read and checked befo
 anything is written, and any error leaves the database exactly as it was. Loading the
 same content again changes nothing; the same ``url|version`` with different content is
 refused unless ``replace`` is set. The membership of every value set is recomputed at
-the end (:func:`thodb.expand.refresh`).
+the end (:func:`thodb.refresh.refresh`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from psycopg import sql as psycopg_sql
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from thodb import expand, migrate
+from thodb import migrate
 from thodb.canonical import canonical
 from thodb.db import is_sqlite, session_scope
 from thodb.errors import DatabaseError, LoadError
@@ -47,6 +47,7 @@ from thodb.models import (
     ConceptProperty,
     ValueSet,
 )
+from thodb.refresh import RefreshSummary, refresh
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class LoadSummary:
     hierarchy_edges: int = 0
     #: Rows written into the content tables (resources, concepts, compose elements).
     written_rows: int = 0
-    refresh: expand.RefreshSummary | None = None
+    refresh: RefreshSummary | None = None
     #: Sources of duplicate copies of the same content within this load.
     duplicates: list[str] = field(default_factory=list)
 
@@ -125,7 +126,7 @@ def load(
             if progress:
                 progress("expand", 0)
             _prepare_refresh(session, summary)
-            summary.refresh = expand.refresh(session)
+            summary.refresh = refresh(session)
     return summary
 
 
@@ -157,7 +158,7 @@ def load_resources(
     _write(session, records, replace, summary, None)
     if summary.changed:
         _prepare_refresh(session, summary)
-        summary.refresh = expand.refresh(session)
+        summary.refresh = refresh(session)
     return summary
 
 

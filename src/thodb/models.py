@@ -222,7 +222,7 @@ class ValueSet(Base):
     expansion_error: Mapped[str | None] = mapped_column(Text)
     #: Number of members in ``value_set_member`` (NULL when not expanded).
     member_count: Mapped[int | None] = mapped_column(Integer)
-    #: The evaluation pass of the value set (see :mod:`thodb.expand`).
+    #: The evaluation pass of the value set (see :mod:`thodb.refresh`).
     stratum: Mapped[int | None] = mapped_column(Integer, index=True)
 
     rules: Mapped[list[ComposeRule]] = relationship(

@@ -10,7 +10,7 @@ an :class:`~thodb.outcome.Issue` with its tx-issue-type: ``not-in-vs``,
 when not allowed), ``code-comment`` (inactive or deprecated), ``cannot-infer``. The
 answer is valid only when the code is a member and no error was found.
 
-Membership comes from ``value_set_member`` (computed by :func:`thodb.expand.refresh`);
+Membership comes from ``value_set_member`` (computed by :func:`thodb.refresh.refresh`);
 when a coding names another version of a code system than the value set resolved to,
 membership is recomputed for that version inside a savepoint that is rolled back.
 Both operations only read otherwise.
@@ -38,10 +38,8 @@ from thodb.expand import (
     find_value_set,
     listed_annotations,
     membership_state,
-    problem_of,
     refresh_token,
     require_supplement,
-    version_scope,
 )
 from thodb.languages import (
     PREFERRED_FOR_LANGUAGE,
@@ -56,6 +54,7 @@ from thodb.models import (
     ValueSetMember,
 )
 from thodb.outcome import Issue, TerminologyError, path
+from thodb.refresh import problem_of, version_scope
 from thodb.versions import VersionRules
 
 

@@ -286,7 +286,7 @@ _SMALLER_RULE_DISPLAY = """COALESCE((
 # it (an include naming exactly one value set is a union edge). An include that
 # intersects several value sets, and an exclude that names value sets, are not
 # monotone, so their value sets come from value_set_member, filled by an earlier pass
-# (see thodb.expand.refresh). UNION keeps each (value set, code, display...) once,
+# (see thodb.refresh.refresh). UNION keeps each (value set, code, display...) once,
 # which is what makes a diamond (two import paths reaching the same set) cost nothing
 # extra and bounds the recursion by the number of distinct rows.
 _MEMBERS = (

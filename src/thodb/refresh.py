@@ -1,0 +1,669 @@
+"""Computing ``value_set_member``: the membership of every expandable value set.
+
+After every load, :func:`refresh` recomputes the membership of the value sets the load
+affects (those it wrote, those whose includes or imports now resolve to other rows, and
+every value set that imports one of them; on a first load, all):
+
+1. each rule's ``system|version`` and each imported ``url|version`` is resolved to a
+   loaded resource (the newest version a version or pattern selects, see
+   :mod:`thodb.versions`; a request's :class:`~thodb.versions.VersionRules` may say
+   otherwise);
+2. the import graph is checked (no compose, an import that is not loaded, a cycle, a code
+   system that a whole-system or filter rule needs and that is not loaded, a filter that
+   cannot be evaluated); a value set that imports one that cannot be expanded cannot be
+   expanded either, and the reason is stored in ``value_set.expansion_error``;
+3. the system part of every rule is computed by one recursive statement
+   (:data:`thodb.sql.RULE_CODES`, hierarchy filters walk ``concept_parent``);
+4. the members of every expandable value set are computed by one recursive statement
+   (:data:`thodb.sql.MATERIALIZE`) that resolves the whole import closure. Only the two
+   FHIR constructs that are not monotone (an include that intersects several value
+   sets, an exclude that names value sets) need their operands complete beforehand:
+   value sets using them are put in a later *pass* (``value_set.stratum``), one more
+   statement per level of such nesting. DICOM and the model case need a single pass.
+
+Steps 3 and 4 are limited to the affected value sets (marked ``pending``); the others
+keep their rows, since a value set's pass and members depend only on what it imports.
+Every recomputation replaces the token in ``refresh_state``.
+
+A request that asks for other code system versions (``force-system-version``,
+``system-version``) is answered inside :func:`version_scope`: the membership is
+recomputed under its rules in a savepoint that is rolled back afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from thodb import sql, sqlfunctions, versions
+from thodb.canonical import canonical
+from thodb.db import schema_prefix
+from thodb.models import (
+    CodeSystem,
+    ComposeImport,
+    ComposeRule,
+    RefreshState,
+    ValueSet,
+    ValueSetMember,
+)
+from thodb.outcome import Issue
+from thodb.versions import VersionRules
+
+log = logging.getLogger(__name__)
+
+
+#: Properties every code system has without declaring them (R5 codesystem.html#filters
+#: and concept-properties): filters on them are always understood.
+IMPLICIT_PROPERTIES = frozenset(
+    {
+        "concept",
+        "code",
+        "display",
+        "inactive",
+        "status",
+        "notSelectable",
+        "parent",
+        "child",
+    }
+)
+
+
+@dataclass(frozen=True)
+class RefreshSummary:
+    """What :func:`refresh` computed."""
+
+    expanded: int
+    not_expandable: int
+    members: int
+    passes: int
+    #: Value sets whose membership was computed: those the load wrote, those whose
+    #: code systems or imports now resolve differently, and every value set that
+    #: imports one of them (directly or not).
+    recomputed: int = 0
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """Why a value set cannot be expanded: the message and its FHIR issue type."""
+
+    text: str
+    code: str
+    tx_type: str
+    expression: str | None = None
+
+    def issue(self, text: str | None = None) -> Issue:
+        return Issue(
+            "error", self.code, self.tx_type, text or self.text, self.expression
+        )
+
+
+@dataclass
+class _Node:
+    id: int
+    url: str
+    version: str | None
+    has_compose: bool
+    problem: _Problem | None = None
+    #: (imported value set id, weight): 1 for an operand of an intersection or of a
+    #: value-set exclude, 0 for a plain include of one value set.
+    edges: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def error(self) -> str | None:
+        return self.problem.text if self.problem else None
+
+
+def _diagnose(session: Session) -> dict[int, _Node]:
+    nodes = {
+        row.id: _Node(row.id, row.url, row.version, row.has_compose)
+        for row in session.execute(
+            sa.select(ValueSet.id, ValueSet.url, ValueSet.version, ValueSet.has_compose)
+        )
+    }
+    for node in nodes.values():
+        if not node.has_compose:
+            node.problem = _Problem(
+                "it has no compose: the value set is defined by reference, so its "
+                "content is not in the resource",
+                "not-supported",
+                "vs-invalid",
+            )
+
+    p = schema_prefix(session)
+    rules = session.execute(
+        sa.text(
+            f"""
+            SELECT r.id, r.value_set_id, r.kind, r.position, r.system, r.version,
+                   r.import_count, r.code_system_id,
+                   EXISTS (SELECT 1 FROM {p}compose_concept k WHERE k.rule_id = r.id)
+                       AS has_concepts
+            FROM {p}compose_rule r ORDER BY r.id
+            """
+        )
+    ).all()
+    filters = defaultdict(list)
+    for row in session.execute(
+        sa.text(
+            f"SELECT rule_id, position, property, op, value FROM {p}compose_filter "
+            "ORDER BY rule_id, position"
+        )
+    ):
+        filters[row.rule_id].append(row)
+    imports = defaultdict(list)
+    for row in session.execute(
+        sa.text(
+            f"SELECT rule_id, url, version, value_set_id FROM {p}compose_import "
+            "ORDER BY rule_id, position"
+        )
+    ):
+        imports[row.rule_id].append(row)
+    known = _known_properties(session)
+
+    for rule in rules:
+        node = nodes[rule.value_set_id]
+        where = f"compose.{rule.kind}[{rule.position}]"
+        if node.problem is None:
+            node.problem = _rule_problem(rule, where, filters[rule.id], known)
+        weight = 1 if rule.kind == "exclude" or rule.import_count > 1 else 0
+        for imp in imports[rule.id]:
+            if imp.value_set_id is None:
+                node.problem = node.problem or _Problem(
+                    f"{where} imports {canonical(imp.url, imp.version)}, "
+                    "which is not loaded",
+                    "not-found",
+                    "not-found",
+                )
+            else:
+                node.edges.append((imp.value_set_id, weight))
+    _mark_cycles(nodes)
+    return nodes
+
+
+def _known_properties(session: Session) -> dict[int, set[str]]:
+    # A filter property is understood when the code system declares it or when any of
+    # its concepts carries it (THO code systems do not always declare theirs).
+    p = schema_prefix(session)
+    known: dict[int, set[str]] = defaultdict(set)
+    for row in session.execute(
+        sa.text(
+            f"""
+            SELECT code_system_id, code FROM {p}code_system_property
+            UNION
+            SELECT c.code_system_id, cp.code
+            FROM {p}concept_property cp JOIN {p}concept c ON c.id = cp.concept_id
+            """
+        )
+    ):
+        known[row.code_system_id].add(row.code)
+    return known
+
+
+def _rule_problem(
+    rule: sa.Row[tuple[object, ...]],
+    where: str,
+    filters: list[sa.Row[tuple[object, ...]]],
+    known: dict[int, set[str]],
+) -> _Problem | None:
+    if rule.system is None or rule.has_concepts:
+        return None
+    if rule.code_system_id is None:
+        needs = "filters" if filters else "includes all of"
+        return _Problem(
+            f"{where} {needs} code system {canonical(str(rule.system), _text(rule.version))}"
+            ", which is not loaded",
+            "not-found",
+            "not-found",
+        )
+    for flt in filters:
+        path = f"{where}.filter[{flt.position}]"
+        expression = f"ValueSet.{path}"
+        properties = sql.SUPPORTED_FILTERS.get(str(flt.op), ())
+        if not flt.value:
+            return _Problem(
+                f"{path}: the filter {flt.property} {flt.op} has no value",
+                "invalid",
+                "vs-invalid",
+                expression,
+            )
+        if properties == ():
+            return _Problem(
+                f"{path}: operator {flt.op!r} is not supported",
+                "not-supported",
+                "vs-invalid",
+                expression,
+            )
+        if properties is not None and flt.property not in properties:
+            return _Problem(
+                f"{path}: operator {flt.op!r} applies to the concept hierarchy "
+                f"(property 'concept'), not to {flt.property!r}",
+                "not-supported",
+                "vs-invalid",
+                expression,
+            )
+        declared = known.get(int(str(rule.code_system_id)), set())
+        if flt.property not in IMPLICIT_PROPERTIES and flt.property not in declared:
+            return _Problem(
+                f"{path}: the code system {rule.system} has no property "
+                f"{flt.property!r} to filter on",
+                "not-supported",
+                "vs-invalid",
+                expression,
+            )
+    return None
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def _mark_cycles(nodes: dict[int, _Node]) -> None:
+    # Tarjan's strongly connected components, iteratively. A component of more than one
+    # value set (or one that imports itself) is a cycle; a diamond is not.
+    index: dict[int, int] = {}
+    low: dict[int, int] = {}
+    on_stack: set[int] = set()
+    stack: list[int] = []
+    counter = 0
+    for root in nodes:
+        if root in index:
+            continue
+        work = [(root, 0)]
+        while work:
+            v, i = work.pop()
+            if i == 0:
+                index[v] = low[v] = counter
+                counter += 1
+                stack.append(v)
+                on_stack.add(v)
+            edges = nodes[v].edges
+            if i < len(edges):
+                work.append((v, i + 1))
+                w = edges[i][0]
+                if w not in index:
+                    work.append((w, 0))
+                elif w in on_stack:
+                    low[v] = min(low[v], index[w])
+                continue
+            if work and work[-1][0] != v:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[v])
+            if low[v] == index[v]:
+                component = []
+                while True:
+                    w = stack.pop()
+                    on_stack.discard(w)
+                    component.append(w)
+                    if w == v:
+                        break
+                self_loop = any(t == v for t, _ in nodes[v].edges)
+                if len(component) > 1 or self_loop:
+                    _report_cycle(nodes, set(component))
+
+
+def _report_cycle(nodes: dict[int, _Node], component: set[int]) -> None:
+    # Name the shortest cycle through the component's smallest url (breadth-first).
+    start = min(component, key=lambda n: (nodes[n].url, nodes[n].version or ""))
+    previous: dict[int, int | None] = {start: None}
+    queue = [start]
+    end = start
+    for v in queue:
+        targets = sorted({t for t, _ in nodes[v].edges}, key=lambda t: nodes[t].url)
+        if start in targets:
+            end = v
+            break
+        for t in targets:
+            if t in component and t not in previous:
+                previous[t] = v
+                queue.append(t)
+    path: list[int] = []
+    step: int | None = end
+    while step is not None:
+        path.append(step)
+        step = previous[step]
+    path.reverse()
+    path.append(start)
+    names = " -> ".join(canonical(nodes[n].url, nodes[n].version) for n in path)
+    problem = _Problem(f"import cycle: {names}", "processing", "vs-invalid")
+    for n in component:
+        nodes[n].problem = nodes[n].problem or problem
+
+
+def _strata(nodes: dict[int, _Node]) -> dict[int, int]:
+    """Pass of every expandable value set; value sets that cannot be expanded are left out.
+
+    pass(v) = max over imports x of pass(x) + weight of the edge. A value set that imports
+    one that cannot be expanded gets an error naming that import and the root cause.
+    """
+    result: dict[int, int] = {}
+    root_cause: dict[int, _Problem] = {}
+    done: set[int] = set()
+    for root in nodes:
+        if root in done:
+            continue
+        work = [(root, 0)]
+        while work:
+            v, i = work.pop()
+            done.add(v)
+            edges = nodes[v].edges
+            if i < len(edges):
+                work.append((v, i + 1))
+                if edges[i][0] not in done:
+                    work.append((edges[i][0], 0))
+                continue
+            _settle(nodes, v, result, root_cause)
+    return result
+
+
+def _settle(
+    nodes: dict[int, _Node],
+    v: int,
+    result: dict[int, int],
+    root_cause: dict[int, _Problem],
+) -> None:
+    node = nodes[v]
+    if node.problem is not None:
+        root_cause[v] = node.problem
+        return
+    level = 0
+    for target, weight in node.edges:
+        if target not in result:
+            other = nodes[target]
+            cause = (
+                root_cause.get(target)
+                or other.problem
+                or _Problem("it is in an import cycle", "processing", "vs-invalid")
+            )
+            root_cause[v] = cause
+            node.problem = replace(
+                cause,
+                text=f"imports {canonical(other.url, other.version)}, which cannot be "
+                f"expanded: {cause.text}",
+            )
+            return
+        level = max(level, result[target] + weight)
+    result[v] = level
+
+
+# --- steps 1, 3 and 4 ------------------------------------------------------------------
+
+
+def _pick(candidates: list[tuple[int, str | None]], pattern: str | None) -> int | None:
+    found, picked = versions.resolve(pattern, [version for _, version in candidates])
+    if not found:
+        return None
+    return next(id_ for id_, version in candidates if version == picked)
+
+
+def _resolve(session: Session, rules: VersionRules) -> set[int]:
+    """Point each rule at its code system and each import at its value set (step 1).
+
+    :return: the ids of the value sets with a rule or import that now points elsewhere.
+    """
+    changed: set[int] = set()
+    systems: dict[str, list[tuple[int, str | None]]] = defaultdict(list)
+    for row in session.execute(
+        sa.select(CodeSystem.id, CodeSystem.url, CodeSystem.version).where(
+            sa.func.coalesce(CodeSystem.content, "") != "supplement"
+        )
+    ):
+        systems[row.url].append((row.id, row.version))
+    updates = []
+    for rule in session.execute(
+        sa.select(
+            ComposeRule.id,
+            ComposeRule.value_set_id,
+            ComposeRule.system,
+            ComposeRule.version,
+            ComposeRule.code_system_id,
+        ).where(ComposeRule.system.is_not(None))
+    ):
+        system = str(rule.system)
+        target = _pick(systems.get(system, []), rules.effective(system, rule.version))
+        if target != rule.code_system_id:
+            updates.append({"id": rule.id, "code_system_id": target})
+            changed.add(rule.value_set_id)
+    if updates:
+        session.execute(sa.update(ComposeRule), updates)
+        _analyze_after(session, "compose_rule", len(updates))
+
+    value_sets: dict[str, list[tuple[int, str | None]]] = defaultdict(list)
+    for vs in session.execute(sa.select(ValueSet.id, ValueSet.url, ValueSet.version)):
+        value_sets[vs.url].append((vs.id, vs.version))
+    updates = []
+    for imp in session.execute(
+        sa.select(
+            ComposeImport.id,
+            ComposeImport.url,
+            ComposeImport.version,
+            ComposeImport.value_set_id,
+            ComposeRule.value_set_id.label("importer"),
+        ).join(ComposeRule, ComposeRule.id == ComposeImport.rule_id)
+    ):
+        target = _pick(value_sets.get(imp.url, []), imp.version)
+        if target != imp.value_set_id:
+            updates.append({"id": imp.id, "value_set_id": target})
+            changed.add(imp.importer)
+    if updates:
+        session.execute(sa.update(ComposeImport), updates)
+        _analyze_after(session, "compose_import", len(updates))
+    return changed
+
+
+def _importers(nodes: dict[int, _Node], seeds: set[int]) -> set[int]:
+    """``seeds`` and every value set that imports one of them, directly or not."""
+    imported_by: dict[int, list[int]] = defaultdict(list)
+    for node in nodes.values():
+        for target, _ in node.edges:
+            imported_by[target].append(node.id)
+    found = {seed for seed in seeds if seed in nodes}
+    work = list(found)
+    while work:
+        for importer in imported_by[work.pop()]:
+            if importer not in found:
+                found.add(importer)
+                work.append(importer)
+    return found
+
+
+#: Changed rows after which the planner's statistics of a table are renewed.
+_ANALYZE_THRESHOLD = 100
+
+#: The statements that renew them, by table (PostgreSQL only).
+_ANALYZE = {
+    "compose_rule": "ANALYZE tho.compose_rule",
+    "compose_import": "ANALYZE tho.compose_import",
+}
+
+
+def _analyze_after(session: Session, table: str, changed: int) -> None:
+    # The loader analyzes what it wrote before the import and code-system ids are
+    # filled in here; with those statistics PostgreSQL takes every id for NULL and
+    # plans the import closure as a nested loop over all imports. A request-scoped
+    # refresh changes a few rows and needs none of this.
+    if (
+        changed >= _ANALYZE_THRESHOLD
+        and session.get_bind().dialect.name == "postgresql"
+    ):
+        session.execute(sa.text(_ANALYZE[table]))
+
+
+# The rows an incremental refresh recomputes: those of the value sets marked pending.
+_DELETE_PENDING_RULE_CODES = """
+DELETE FROM {p}compose_rule_code WHERE rule_id IN (
+    SELECT r.id FROM {p}compose_rule r
+    JOIN {p}value_set v ON v.id = r.value_set_id
+    WHERE v.expansion_status = 'pending')
+"""
+_DELETE_PENDING_MEMBERS = """
+DELETE FROM {p}value_set_member WHERE value_set_id IN (
+    SELECT id FROM {p}value_set WHERE expansion_status = 'pending')
+"""
+
+
+def refresh(session: Session, *, rules: VersionRules | None = None) -> RefreshSummary:
+    """Recompute the membership of the value sets a load affects (see the module
+    docstring): those it wrote (``pending``), those whose includes or imports now
+    resolve to other rows, and every value set that imports one of them. A first load
+    recomputes everything.
+
+    :param rules: code system versions to resolve includes to instead of the ones
+        the value sets name (a request's ``force-system-version`` and
+        ``system-version``); only for membership that is rolled back afterwards.
+    """
+    session.flush()
+    _serialize(session)
+    sqlfunctions.ensure(session)
+    # What a load wrote is pending; what resolves differently now, and everything that
+    # imports either, is recomputed with it. Nothing else changes.
+    changed = _resolve(session, rules or VersionRules())
+    nodes = _diagnose(session)
+    strata = _strata(nodes)
+    pending = set(
+        session.scalars(
+            sa.select(ValueSet.id).where(ValueSet.expansion_status == "pending")
+        )
+    )
+    affected = _importers(nodes, pending | changed)
+    everything = len(affected) == len(nodes)
+    if affected:
+        session.execute(
+            sa.update(ValueSet),
+            [
+                {
+                    "id": v,
+                    "stratum": strata.get(v),
+                    "expansion_status": "pending",
+                    "expansion_error": None,
+                    "member_count": None,
+                }
+                for v in sorted(affected)
+            ],
+        )
+
+    p = schema_prefix(session)
+    if everything:
+        session.execute(sa.text(f"DELETE FROM {p}compose_rule_code"))
+        session.execute(sa.text(f"DELETE FROM {p}value_set_member"))
+    elif affected:
+        session.execute(sa.text(_DELETE_PENDING_RULE_CODES.format(p=p)))
+        session.execute(sa.text(_DELETE_PENDING_MEMBERS.format(p=p)))
+    passes = max(strata.values(), default=-1) + 1
+    if affected:
+        only = not everything
+        session.execute(sql.render(session, sql.RULE_CODES, pending_only=only))
+        for stratum in range(passes):
+            session.execute(
+                sql.render(session, sql.MATERIALIZE, pending_only=only),
+                {"stratum": stratum},
+            )
+        session.execute(
+            sa.text(
+                f"""
+                UPDATE {p}value_set SET member_count = (
+                    SELECT COUNT(*) FROM {p}value_set_member m
+                    WHERE m.value_set_id = {p}value_set.id)
+                WHERE stratum IS NOT NULL AND expansion_status = 'pending'
+                """
+            )
+        )
+        session.execute(
+            sa.update(ValueSet),
+            [
+                {
+                    "id": v,
+                    "expansion_status": "expanded" if v in strata else "not-expandable",
+                    "expansion_error": None if v in strata else nodes[v].error,
+                }
+                for v in sorted(affected)
+            ],
+        )
+    members = (
+        session.scalar(sa.select(sa.func.count()).select_from(ValueSetMember)) or 0
+    )
+    session.execute(sa.update(RefreshState).values(token=uuid.uuid4().hex))
+    summary = RefreshSummary(
+        expanded=len(strata),
+        not_expandable=len(nodes) - len(strata),
+        members=members,
+        passes=passes,
+        recomputed=len(affected),
+    )
+    log.info(
+        "membership: %d value sets expanded (%d members, %d passes), %d not expandable; "
+        "%d recomputed",
+        summary.expanded,
+        summary.members,
+        summary.passes,
+        summary.not_expandable,
+        summary.recomputed,
+    )
+    return summary
+
+
+# Any constant identifies thodb's lock; this one reads "thodb" in ASCII.
+_REFRESH_LOCK = 0x74686F6462
+
+
+def _serialize(session: Session) -> None:
+    # Two PostgreSQL transactions recomputing membership at once would update the same
+    # value_set rows in different orders and deadlock: the second waits for the first
+    # to commit, then computes over both loads. (SQLite writers queue on BEGIN
+    # IMMEDIATE already.)
+    if schema_prefix(session):
+        session.execute(sa.select(sa.func.pg_advisory_xact_lock(_REFRESH_LOCK)))
+
+
+@contextmanager
+def version_scope(session: Session, rules: VersionRules) -> Iterator[None]:
+    """Inside the block, membership is resolved under ``rules``; afterwards as before.
+
+    When the rules change how some include resolves, :func:`refresh` runs inside a
+    savepoint that is rolled back when the block ends; otherwise nothing is done.
+    """
+    if not _changes_any(session, rules):
+        yield
+        return
+    savepoint = session.begin_nested()
+    try:
+        refresh(session, rules=rules)
+        yield
+    finally:
+        savepoint.rollback()
+
+
+def _changes_any(session: Session, rules: VersionRules) -> bool:
+    if not rules:
+        return False
+    systems = set(rules.force) | set(rules.default) | set(rules.check)
+    return any(
+        rules.changes(row.system, row.version)
+        for row in session.execute(
+            sa.select(ComposeRule.system, ComposeRule.version)
+            .where(ComposeRule.system.in_(sorted(systems)))
+            .distinct()
+        )
+    )
+
+
+def problem_of(session: Session, value_set: ValueSet) -> Issue:
+    """The issue that says why ``value_set`` cannot be expanded."""
+    nodes = _diagnose(session)
+    _strata(nodes)
+    node = nodes.get(value_set.id)
+    if node is None or node.problem is None:
+        text = value_set.expansion_error or "it has not been expanded"
+        return Issue("error", "processing", "vs-invalid", text)
+    return node.problem.issue(
+        f"{canonical(value_set.url, value_set.version)} cannot be expanded: "
+        f"{node.problem.text}"
+    )
+
+
+# --- reading ---------------------------------------------------------------------------
