@@ -3,7 +3,7 @@
 A block is an example when its first lines name it: ``-- example: NAME`` and
 ``-- engines: sqlite postgresql`` in SQL (``-- database: v3-NullFlavor`` for the hierarchy
 examples), ``# example: NAME`` in Python. SQL runs on the seeded database of each engine
-with the coded items of DICOM files built here (tests/test_imaging_store.py) and a few
+with the coded items of DICOM files built here (tests/imaging_study.py) and a few
 ImagingSelection resources; on PostgreSQL it runs three times, as the owner, in a
 read-only transaction and as a role made by ``grant_reader``, with the same result.
 Python examples run in order in one namespace with ``THODB_DATABASE_URL`` set, as a
@@ -29,8 +29,7 @@ import pytest
 from sqlalchemy.engine import Engine
 
 from conftest import ROOT, SHARED, Databases
-from reference import ReferenceExpansionError, Terminology
-from test_imaging_store import (
+from imaging_study import (
     CID_7150,
     CID_7151,
     SYSTEMS,
@@ -41,6 +40,7 @@ from test_imaging_store import (
     selection_resources,
     write_selections,
 )
+from reference import ReferenceExpansionError, Terminology
 from test_reporting import NULL_FLAVOR_XML, null_flavor_closure
 from thodb.db import create_engine
 from thodb.imaging import store

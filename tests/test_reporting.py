@@ -1,6 +1,6 @@
 """The SQL contract: views, membership functions, the reader role, read-only use.
 
-DICOM files are built with highdicom (tests/test_imaging_store.py builds them), scanned
+DICOM files are built with highdicom (tests/imaging_study.py builds them), scanned
 into the shared seeded database and removed after each test. Expected values come from
 the objects built, the seed files read as plain JSON, tests/reference.py (the plain-Python
 expander) and the THO source XML of v3 NullFlavor; never from thodb.
@@ -22,8 +22,7 @@ from click.testing import CliRunner
 from sqlalchemy.engine import Engine
 
 from conftest import SHARED, Databases
-from reference import ReferenceExpansionError, Terminology
-from test_imaging_store import (
+from imaging_study import (
     CID_7151,
     DCM,
     SEGMENTATION,
@@ -35,6 +34,7 @@ from test_imaging_store import (
     selection_resources,
     write_selections,
 )
+from reference import ReferenceExpansionError, Terminology
 from thodb import migrate
 from thodb.cli import main
 from thodb.db import create_engine, schema_prefix, session_scope
