@@ -175,6 +175,8 @@ class _Scope:
         rules = self.rules.get(system, [])
         if not rules:
             return None
+        if len({r.version for r in rules}) == 1:
+            return rules[0]  # every include of the system names the same version
         ids = [r.id for r in rules if r.id is not None]
         if ids:
             hit = self.session.scalars(
