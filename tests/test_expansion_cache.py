@@ -12,12 +12,13 @@ import copy
 import json
 from typing import Any
 
+import pytest
 from sqlalchemy.engine import Engine
 
 from conftest import SHARED
 from thodb import load as load_mod
 from thodb.db import session_scope
-from thodb.expand import expand
+from thodb.expand import expand, set_cache_budget
 from thodb.query import validate_code
 
 TX = SHARED / "tx-tests"
@@ -35,6 +36,9 @@ def _valid(engine: Engine, code: str) -> bool:
 
 
 SIMPLE = "http://hl7.org/fhir/test/CodeSystem/simple"
+
+#: What set_cache_budget documents as the default.
+DEFAULT_BUDGET = 200_000
 
 
 def _codes(engine: Engine, **kwargs: Any) -> set[str]:
@@ -76,3 +80,31 @@ def test_a_load_that_changes_a_value_set_is_seen_by_the_next_expansion(
     assert inside >= every and inside != listed - {dropped}
     assert _codes(fresh_engine) == listed - {dropped}
     assert not _valid(fresh_engine, dropped)
+
+
+def test_the_cache_budget_bounds_what_is_kept(seeded_engine: Engine) -> None:
+    # A cached answer hands out the same Member objects again; a computed one, new
+    # ones. The budgets are set around the size of the expansion.
+    url = "http://terminology.hl7.org/ValueSet/image-reference-type"
+
+    def members() -> list[Any]:
+        with session_scope(seeded_engine) as session:
+            return list(expand(session, url).contains)
+
+    size = len(members())
+    try:
+        set_cache_budget(size)
+        first, second = members(), members()
+        assert all(a is b for a, b in zip(first, second, strict=True))
+
+        set_cache_budget(size - 1)  # the entry no longer fits and is dropped
+        first, second = members(), members()
+        assert not any(a is b for a, b in zip(first, second, strict=True))
+        assert first == second
+
+        set_cache_budget(0)
+        assert not any(a is b for a, b in zip(members(), members(), strict=True))
+        with pytest.raises(ValueError, match="number of codes"):
+            set_cache_budget(-1)
+    finally:
+        set_cache_budget(DEFAULT_BUDGET)

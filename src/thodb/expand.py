@@ -354,13 +354,34 @@ class _ExpansionCache:
                 return
             self._entries[key] = expansion
             self._size += size
-            while self._size > self.budget:
-                _, dropped = self._entries.popitem(last=False)
-                self._size -= max(1, len(dropped.contains))
+            self._shrink()
+
+    def resize(self, budget: int) -> None:
+        with self._lock:
+            self.budget = budget
+            self._shrink()
+
+    def _shrink(self) -> None:
+        # Called with the lock held.
+        while self._size > self.budget:
+            _, dropped = self._entries.popitem(last=False)
+            self._size -= max(1, len(dropped.contains))
 
 
 #: The expansion cache of this process (see :func:`expand`).
 _CACHE = _ExpansionCache(budget=200_000)
+
+
+def set_cache_budget(codes: int) -> None:
+    """Keep at most ``codes`` codes of expansions in this process's cache (default
+    200,000; 0 turns the cache off). Entries beyond a smaller budget are dropped, least
+    recently used first; an expansion larger than the budget is never kept.
+
+    :raises ValueError: for a negative budget.
+    """
+    if codes < 0:
+        raise ValueError(f"the cache budget is a number of codes, not {codes}")
+    _CACHE.resize(codes)
 
 
 # How often to read a value set again when a load replaced it between two statements.
