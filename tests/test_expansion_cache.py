@@ -76,10 +76,42 @@ def test_a_load_that_changes_a_value_set_is_seen_by_the_next_expansion(
     with session_scope(fresh_engine, write=True) as session:
         load_mod.load_resources(session, [whole], replace=True)
         inside = {m.code for m in expand(session, VALUE_SET).contains}
+        valid_inside = validate_code(
+            session, VALUE_SET, system=SIMPLE, code=dropped
+        ).result
         session.rollback()
+    assert valid_inside
     assert inside >= every and inside != listed - {dropped}
     assert _codes(fresh_engine) == listed - {dropped}
     assert not _valid(fresh_engine, dropped)
+
+
+def test_validate_code_sees_a_code_system_loaded_after_its_value_set(
+    fresh_engine: Engine,
+) -> None:
+    # Which code systems are loaded is among the facts kept between calls.
+    value_set = _json("simple/valueset-enumerated.json")
+    listed = value_set["compose"]["include"][0]["concept"][0]
+    wrong = f"not {listed.get('display', listed['code'])}"
+
+    def answer() -> Any:
+        with session_scope(fresh_engine) as session:
+            return validate_code(
+                session, VALUE_SET, system=SIMPLE, code=listed["code"], display=wrong
+            )
+
+    load_mod.load(fresh_engine, [TX / "simple/valueset-enumerated.json"])
+    before = answer()
+    # Listed, from a code system that is not loaded: the display cannot be checked.
+    assert before.result
+    assert [i.tx_type for i in before.issues] == ["not-found"]
+    assert answer() == before
+
+    load_mod.load(fresh_engine, [TX / "simple/codesystem-simple.json"])
+    after = answer()
+    assert not after.result
+    assert "invalid-display" in {i.tx_type for i in after.issues}
+    assert "not-found" not in {i.tx_type for i in after.issues}
 
 
 def test_the_cache_budget_bounds_what_is_kept(seeded_engine: Engine) -> None:

@@ -9,6 +9,7 @@ of the code system they supplement when a request names them.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Iterator, Sequence
@@ -228,8 +229,9 @@ def supplements_of(
     return ids
 
 
-# What ConceptDetails is made of, besides Concept.id.
-_CONCEPT_COLUMNS = (
+#: What :func:`from_row` makes a ConceptDetails of, in this order.
+DETAIL_COLUMNS = (
+    Concept.id,
     Concept.code,
     Concept.display,
     Concept.definition,
@@ -238,9 +240,15 @@ _CONCEPT_COLUMNS = (
     Concept.abstract,
 )
 
+# The concepts of one code system with given codes (one statement, compiled once).
+_BY_CODE = sa.select(*DETAIL_COLUMNS).where(
+    Concept.code_system_id == sa.bindparam("code_system"),
+    Concept.code.in_(sa.bindparam("codes", expanding=True)),
+)
 
-def _concept_details(row: Any) -> ConceptDetails:
-    """The details of a row of Concept.id and _CONCEPT_COLUMNS.
+
+def from_row(row: Sequence[Any]) -> ConceptDetails:
+    """The details of a row of :data:`DETAIL_COLUMNS` (designations etc. not read).
 
     The row is unpacked by position: reading a database row's attributes by name costs
     several times more, and an expansion makes one of these per concept.
@@ -249,6 +257,13 @@ def _concept_details(row: Any) -> ConceptDetails:
     return ConceptDetails(
         id_, code, display, definition, status, bool(inactive), bool(abstract)
     )
+
+
+def add_designations(session: Session, found: Iterable[ConceptDetails]) -> None:
+    """Read the designations of the concepts ``found`` into them."""
+    by_id = {concept.id: concept for concept in found}
+    for concept_id, designation in _designations(session, sorted(by_id)):
+        by_id[concept_id].designations.append(designation)
 
 
 def details(
@@ -272,21 +287,19 @@ def details(
     """
     wanted = sorted(code for code in set(codes) if storable(code))
     found: dict[str, ConceptDetails] = {}
+    connection = session.connection()
     for part in chunks(wanted):
-        for row in session.execute(
-            sa.select(Concept.id, *_CONCEPT_COLUMNS).where(
-                Concept.code_system_id == code_system_id, Concept.code.in_(part)
-            )
+        for row in connection.execute(
+            _BY_CODE, {"code_system": code_system_id, "codes": list(part)}
         ):
-            details = _concept_details(row)
+            details = from_row(row)
             found[details.code] = details
     if not found:
         return found
     by_id = {concept.id: concept for concept in found.values()}
     ids = sorted(by_id)
     if designations:
-        for concept_id, designation in _designations(session, ids):
-            by_id[concept_id].designations.append(designation)
+        add_designations(session, found.values())
     if properties:
         for concept_id, prop in _properties(session, ids, properties):
             by_id[concept_id].properties.append(prop)
@@ -332,8 +345,8 @@ def by_id(
                 id_in(session, Concept.id, with_details),
             ),
         )
-    for row in session.execute(sa.select(Concept.id, *_CONCEPT_COLUMNS).where(wanted)):
-        details = _concept_details(row)
+    for row in session.execute(sa.select(*DETAIL_COLUMNS).where(wanted)):
+        details = from_row(row)
         found[details.id] = details
     for concept_id, designation in named:
         found[concept_id].designations.append(designation)
@@ -464,14 +477,30 @@ def add_supplements(
 
 
 def locate(
-    session: Session, code_system: CodeSystemInfo, code: str, *, hierarchy: bool = True
+    session: Session,
+    code_system: CodeSystemInfo,
+    code: str,
+    *,
+    hierarchy: bool = True,
+    designations: bool = True,
+    properties: bool = True,
 ) -> tuple[str, ConceptDetails] | None:
     """Find ``code`` in a code system, ignoring case where the system is not case-sensitive.
 
     :param hierarchy: read the concept's parents and children.
+    :param designations: read its designations.
+    :param properties: read its property values.
     :return: the code as the code system writes it and its details, or ``None``.
     """
-    exact = details(session, code_system.id, [code], hierarchy=hierarchy)
+    read = functools.partial(
+        details,
+        session,
+        code_system.id,
+        hierarchy=hierarchy,
+        designations=designations,
+        properties=properties,
+    )
+    exact = read([code])
     if code in exact:
         return code, exact[code]
     if code_system.case_sensitive is not False or not storable(code):
@@ -487,4 +516,4 @@ def locate(
     ).first()
     if match is None:
         return None
-    return match, details(session, code_system.id, [match], hierarchy=hierarchy)[match]
+    return match, read([match])[match]

@@ -18,8 +18,7 @@ Both operations only read otherwise.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import sqlalchemy as sa
@@ -29,32 +28,17 @@ from thodb import concepts, versions
 from thodb.canonical import canonical
 from thodb.concepts import CodeSystemInfo, ConceptDetails, Property
 from thodb.errors import NotFoundError
-from thodb.expand import (
-    Annotation,
-    ValueSetNotExpandable,
-    annotated,
-    closure,
-    default_language,
-    find_value_set,
-    listed_annotations,
-    membership_state,
-    refresh_token,
-    require_supplement,
-)
+from thodb.expand import annotated, require_supplement
 from thodb.languages import (
     PREFERRED_FOR_LANGUAGE,
     Designation,
     LanguagePreference,
     pick_display,
 )
-from thodb.models import (
-    ComposeRule,
-    ComposeRuleCode,
-    ValueSet,
-    ValueSetMember,
-)
+from thodb.models import ValueSet
 from thodb.outcome import Issue, TerminologyError, path
-from thodb.refresh import problem_of, version_scope
+from thodb.refresh import version_scope
+from thodb.scope import FLAGGED_STANDARDS_STATUS, Reads, Rule, Scope, ValueSetFacts
 from thodb.versions import VersionRules
 
 
@@ -122,219 +106,6 @@ class Validation:
     caused_by_unknown_systems: tuple[str, ...] = ()
 
 
-# --- where codes are validated ------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Rule:
-    id: int | None
-    system: str
-    version: str | None
-    #: The code system the include resolved to, when it is loaded.
-    code_system_id: int | None = None
-
-
-class _Scope:
-    """The includes a code is checked against: a value set's, or a whole code system."""
-
-    def __init__(
-        self,
-        session: Session,
-        name: str,
-        rules: dict[str, list[_Rule]],
-        value_set: ValueSet | None,
-        code_system: CodeSystemInfo | None = None,
-        reached: Sequence[int] = (),
-        annotations: Mapping[tuple[str, str], Annotation] | None = None,
-        flagged: Sequence[tuple[str, str]] = (),
-    ) -> None:
-        self.session = session
-        self.name = name
-        self.rules = rules
-        self.value_set = value_set
-        self.code_system = code_system
-        #: Ids of the value set and of every value set it imports.
-        self.reached = tuple(reached)
-        #: What the includes of ``reached`` say of their enumerated codes.
-        self.annotations: Mapping[tuple[str, str], Annotation] = annotations or {}
-        #: (canonical, standards status) of the value sets of ``reached`` that are
-        #: deprecated or withdrawn.
-        self.flagged = tuple(flagged)
-        self._rows: dict[tuple[str, str], tuple[str | None, str | None] | None] = {}
-
-    @property
-    def internal(self) -> bool:
-        """True for ``CodeSystem/$validate-code``: no value set was named."""
-        return self.value_set is None
-
-    def rule_for(self, system: str, code: str) -> _Rule | None:
-        """The include whose version applies to ``system#code``.
-
-        The include that selects the code, else the one with the newest version.
-        """
-        rules = self.rules.get(system, [])
-        if not rules:
-            return None
-        if len({r.version for r in rules}) == 1:
-            return rules[0]  # every include of the system names the same version
-        ids = [r.id for r in rules if r.id is not None]
-        if ids:
-            hit = self.session.scalars(
-                sa.select(ComposeRuleCode.rule_id).where(
-                    ComposeRuleCode.rule_id.in_(ids),
-                    ComposeRuleCode.system == system,
-                    ComposeRuleCode.code == code,
-                )
-            ).first()
-            for rule in rules:
-                if rule.id == hit:
-                    return rule
-        return max(rules, key=lambda r: versions.sort_key(r.version))
-
-    def is_member(self, rules: VersionRules, cs: CodeSystemInfo, code: str) -> bool:
-        """Is ``cs#code`` in scope, ``cs`` being the version the check settled on?
-
-        The stored membership answers for the code system versions the value set
-        resolved to; for another version (a coding that names it) the membership is
-        recomputed for that version, in a savepoint that is rolled back.
-        """
-        if self.value_set is None:
-            return True
-        found = self.listed(cs.url, code)
-        resolved = {r.code_system_id for r in self.rules.get(cs.url, [])}
-        if cs.id in resolved or cs.version is None:
-            return found is not None and found[0] in (None, cs.version)
-        with version_scope(self.session, rules.forcing(cs.url, cs.version)):
-            # Recomputed membership: read it, not what was read before.
-            return self._member_row(cs.url, code) is not None
-
-    def listed(self, system: str, code: str) -> tuple[str | None, str | None] | None:
-        """(version, display) of ``system#code`` in the value set's membership, if there."""
-        if self.value_set is None:
-            return None
-        key = (system, code)
-        if key not in self._rows:
-            self._rows[key] = self._member_row(system, code)
-        return self._rows[key]
-
-    def _member_row(
-        self, system: str, code: str
-    ) -> tuple[str | None, str | None] | None:
-        assert self.value_set is not None
-        row = self.session.execute(
-            sa.select(ValueSetMember.version, ValueSetMember.display).where(
-                ValueSetMember.value_set_id == self.value_set.id,
-                ValueSetMember.system == system,
-                ValueSetMember.code == code,
-            )
-        ).first()
-        return None if row is None else (row.version, row.display)
-
-    def presence_status(self, system: str, code: str) -> str | None:
-        """The status a value set of the scope gives ``system#code`` where it lists it.
-
-        ``deprecated`` for a code marked ``valueset-deprecated`` (or with a
-        standards-status extension) on an ``include.concept``.
-        """
-        found = self.annotations.get((system, code))
-        return found.status if found is not None else None
-
-    def systems_with(self, code: str) -> list[str]:
-        """The systems whose ``code`` is in the value set (for ``inferSystem``)."""
-        if self.value_set is None:
-            return [self.code_system.url] if self.code_system else []
-        return sorted(
-            self.session.scalars(
-                sa.select(ValueSetMember.system)
-                .where(
-                    ValueSetMember.value_set_id == self.value_set.id,
-                    ValueSetMember.code == code,
-                )
-                .distinct()
-            )
-        )
-
-
-def _value_set_scope(session: Session, value_set: ValueSet) -> _Scope:
-    if value_set.expansion_status != "expanded":
-        problem = problem_of(session, value_set)
-        # A code system that is not loaded only matters for codes of that system.
-        if problem.tx_type != "not-found" or "code system" not in problem.text:
-            raise ValueSetNotExpandable(
-                canonical(value_set.url, value_set.version),
-                value_set.expansion_error or "it has not been expanded",
-                problem,
-            )
-    database, token = membership_state(session)
-    key = (database, token, value_set.id)
-    with _SCOPES_LOCK:
-        known = _SCOPES.get(key)
-    if known is None:
-        known = _scope_facts(session, value_set.id)
-        # Kept only if no recomputation committed while they were read (see expand).
-        if token is not None and refresh_token(session) == token:
-            with _SCOPES_LOCK:
-                _SCOPES[key] = known
-                while len(_SCOPES) > _SCOPES_KEPT:
-                    _SCOPES.pop(next(iter(_SCOPES)))
-    rules, reached, annotations, flagged = known
-    return _Scope(
-        session,
-        canonical(value_set.url, value_set.version),
-        rules,
-        value_set,
-        reached=reached,
-        annotations=annotations,
-        flagged=flagged,
-    )
-
-
-# What _value_set_scope reads of a value set, by (database, refresh token, value set id):
-# it changes only when the membership is recomputed, which replaces the token.
-_ScopeFacts = tuple[
-    dict[str, list[_Rule]],
-    list[int],
-    Mapping[tuple[str, str], Annotation],
-    tuple[tuple[str, str], ...],
-]
-_SCOPES: dict[tuple[object, ...], _ScopeFacts] = {}
-_SCOPES_KEPT = 256
-_SCOPES_LOCK = threading.Lock()
-
-
-def _scope_facts(session: Session, value_set_id: int) -> _ScopeFacts:
-    rules: dict[str, list[_Rule]] = {}
-    reached = closure(session, value_set_id)
-    for row in session.execute(
-        sa.select(
-            ComposeRule.id,
-            ComposeRule.system,
-            ComposeRule.version,
-            ComposeRule.code_system_id,
-        ).where(
-            ComposeRule.value_set_id.in_(reached),
-            ComposeRule.kind == "include",
-            ComposeRule.system.is_not(None),
-        )
-    ):
-        system = str(row.system)
-        rules.setdefault(system, []).append(
-            _Rule(row.id, system, row.version, row.code_system_id)
-        )
-    flagged = tuple(
-        (canonical(row.url, row.version), str(row.standards_status))
-        for row in session.execute(
-            sa.select(ValueSet.url, ValueSet.version, ValueSet.standards_status)
-            .where(
-                ValueSet.id.in_(reached),
-                ValueSet.standards_status.in_(list(_FLAGGED_STANDARDS_STATUS)),
-            )
-            .order_by(ValueSet.url)
-        )
-    )
-    return rules, reached, listed_annotations(session, reached), flagged
-
-
 # --- checking one coding --------------------------------------------------------------
 
 
@@ -353,22 +124,14 @@ class _Check:
     located: bool = False
 
 
-# Standards statuses that a reference to a resource is reported for, with the message id.
-_FLAGGED_STANDARDS_STATUS = {
-    "deprecated": "MSG_DEPRECATED",
-    "withdrawn": "MSG_WITHDRAWN",
-}
-
-
 # Designation statuses that make a designation no longer a correct display.
 _NO_LONGER_VALID = frozenset({"deprecated", "withdrawn", "retired"})
 
 
 class _Validator:
-    def __init__(
-        self, session: Session, scope: _Scope, options: ValidateOptions
-    ) -> None:
-        self.session = session
+    def __init__(self, reads: Reads, scope: Scope, options: ValidateOptions) -> None:
+        session = self.session = reads.session
+        self.reads = reads
         self.scope = scope
         self.options = options
         self.issues: list[Issue] = []
@@ -403,9 +166,7 @@ class _Validator:
             text = f"the code system {system} is not known to this server"
             message_id = "UNKNOWN_CODESYSTEM"
         else:
-            loaded = [
-                cs.version for cs in concepts.code_system_versions(self.session, system)
-            ]
+            loaded = [cs.version for cs in self.reads.code_system_versions(system)]
             known = ", ".join(v for v in loaded if v) or "none"
             text = (
                 f"version {version} of the code system {system} is not known to this "
@@ -480,7 +241,7 @@ class _Validator:
         neither it nor its display can be checked.
         """
         listed = self.scope.listed(system, code)
-        if listed is None or concepts.code_system_versions(self.session, system):
+        if listed is None or self.reads.code_system_versions(system):
             return False
         found.outcome, found.version, found.display = True, listed[0], listed[1]
         self.add(
@@ -516,19 +277,14 @@ class _Validator:
         )
         return None
 
-    def _version(
-        self, coding: Coding, rule: _Rule, where: str
-    ) -> CodeSystemInfo | None:
+    def _version(self, coding: Coding, rule: Rule, where: str) -> CodeSystemInfo | None:
         """The code system version to check ``coding`` in, with issues on mismatches."""
         system, wanted = str(coding.system), coding.version
         rules = self.options.versions
         pattern = rules.effective(system, rule.version)
         if wanted is not None:
             if pattern is None:
-                loaded = [
-                    cs.version
-                    for cs in concepts.code_system_versions(self.session, system)
-                ]
+                loaded = [cs.version for cs in self.reads.code_system_versions(system)]
                 chosen: str | None = (
                     wanted if any(versions.matches(wanted, v) for v in loaded) else None
                 )
@@ -536,7 +292,7 @@ class _Validator:
                 chosen = wanted
             else:
                 chosen = pattern
-            cs = concepts.find_code_system(self.session, system, chosen)
+            cs = self.reads.find_code_system(system, chosen)
             if cs is not None and not versions.matches(wanted, cs.version):
                 severity = "warning" if chosen is None else "error"
                 self.add(
@@ -548,7 +304,7 @@ class _Validator:
                     path(where, "version"),
                     "VALUESET_VALUE_MISMATCH",
                 )
-                if concepts.find_code_system(self.session, system, wanted) is None:
+                if self.reads.find_code_system(system, wanted) is None:
                     self.unknown_system(system, wanted, where)
             elif cs is None and chosen != wanted:
                 self.add(
@@ -562,7 +318,7 @@ class _Validator:
                 )
         else:
             chosen = pattern
-            cs = concepts.find_code_system(self.session, system, chosen)
+            cs = self.reads.find_code_system(system, chosen)
         if cs is None:
             self._not_a_code_system(system, chosen, where)
             return None
@@ -589,7 +345,7 @@ class _Validator:
                 "status-check",
                 f"the value set {name} is {status}",
                 None,
-                _FLAGGED_STANDARDS_STATUS[status],
+                FLAGGED_STANDARDS_STATUS[status],
             )
 
     def _presence(self, coding: Coding, found: _Check, where: str) -> None:
@@ -609,14 +365,14 @@ class _Validator:
 
     def _status(self, cs: CodeSystemInfo) -> None:
         vs = self.scope.value_set
-        if cs.standards_status in _FLAGGED_STANDARDS_STATUS:
+        if cs.standards_status in FLAGGED_STANDARDS_STATUS:
             self.add(
                 "information",
                 "business-rule",
                 "status-check",
                 f"the code system {cs.canonical} is {cs.standards_status}",
                 None,
-                _FLAGGED_STANDARDS_STATUS[cs.standards_status],
+                FLAGGED_STANDARDS_STATUS[cs.standards_status],
             )
         if cs.experimental and not (vs is not None and vs.experimental):
             self.add(
@@ -658,7 +414,12 @@ class _Validator:
     ) -> None:
         code = str(coding.code)
         found.version = cs.version
-        located = concepts.locate(self.session, cs, code, hierarchy=False)
+        # Designations matter for a display to check or a language to show it in.
+        located = self.reads.locate(
+            cs,
+            code,
+            designations=coding.display is not None or bool(self.options.language),
+        )
         if located is None:
             found.located = True
             if self.options.membership_only:
@@ -859,7 +620,7 @@ class _Validator:
         )
 
     def _look_up(
-        self, coding: Coding, rule: _Rule | None, where: str, mode: str, found: _Check
+        self, coding: Coding, rule: Rule | None, where: str, mode: str, found: _Check
     ) -> None:
         """Report on a code that is not in the value set, as its code system sees it."""
         system = str(coding.system)
@@ -876,7 +637,7 @@ class _Validator:
         wanted = coding.version
         if wanted is None and rule is not None:
             wanted = self.options.versions.effective(system, rule.version)
-        cs = concepts.find_code_system(self.session, system, wanted)
+        cs = self.reads.find_code_system(system, wanted)
         if cs is None:
             self._not_a_code_system(system, wanted, where)
             return
@@ -918,9 +679,7 @@ class _Validator:
             )
             self.unknown.append(system)
             return
-        if version is not None and not concepts.code_system_versions(
-            self.session, system
-        ):
+        if version is not None and not self.reads.code_system_versions(system):
             version = None
         self.unknown_system(system, version, where)
 
@@ -1045,13 +804,13 @@ def _downgrade_unchecked(
 
 
 def _run(
-    session: Session,
-    scope: _Scope,
+    reads: Reads,
+    scope: Scope,
     codings: Sequence[Coding],
     mode: str,
     options: ValidateOptions,
 ) -> Validation:
-    validator = _Validator(session, scope, options)
+    validator = _Validator(reads, scope, options)
     checks = []
     for i, coding in enumerate(codings):
         where = {"code": "", "coding": "Coding"}.get(
@@ -1068,17 +827,17 @@ def _supplements(session: Session, references: Sequence[str]) -> None:
 
 
 def _defaults(
-    session: Session, options: ValidateOptions, value_set: ValueSet
+    session: Session, options: ValidateOptions, value_set: ValueSetFacts
 ) -> ValidateOptions:
     """``options`` with what the value set states for what the request leaves open.
 
     :raises TerminologyError: when a supplement it names is not loaded.
     """
-    if options.language is None:
-        options = replace(options, language=default_language(value_set))
+    if options.language is None and value_set.language is not None:
+        options = replace(options, language=value_set.language)
     if value_set.supplements:
         # The request's own supplements were checked before the value set was read.
-        _supplements(session, tuple(value_set.supplements))
+        _supplements(session, value_set.supplements)
         options = replace(
             options,
             supplements=tuple(
@@ -1151,24 +910,29 @@ def validate_concept(
     """
     options = options or ValidateOptions()
     _supplements(session, options.supplements)
+    # The membership row of a single coding is read with the refresh token.
+    first = codings[0] if len(codings) == 1 else Coding(None, None)
+    probe = None
+    if first.system and first.code and concepts.storable(first.system, first.code):
+        probe = (first.system, first.code)
     with version_scope(session, options.versions):
         for _ in range(_READ_ATTEMPTS):
-            value_set = find_value_set(session, url, version)
-            scope = _value_set_scope(session, value_set)
+            # Facts kept from earlier calls hold only for the stored membership.
+            reads = Reads(session, keep=not options.versions)
+            reads.begin(url, version, probe)
+            value_set = reads.value_set(url, version)
+            scope = reads.scope(value_set)
             answer = _run(
-                session, scope, codings, mode, _defaults(session, options, value_set)
+                reads, scope, codings, mode, _defaults(session, options, value_set)
             )
-            # Under PostgreSQL's READ COMMITTED a load may replace the value set between
-            # two reads; a sequence never gives an id twice, so its row still being
-            # there proves it was not. (A SQLite reader sees one snapshot throughout.)
-            if session.scalar(
-                sa.select(ValueSet.id).where(ValueSet.id == value_set.id)
-            ):
+            # Under PostgreSQL's READ COMMITTED each statement sees the latest commit:
+            # the answer is of one state when the refresh token did not change.
+            if reads.settle(scope):
                 break
         return answer
 
 
-# How often to validate again when a load replaced the value set meanwhile.
+# How often to validate again when a load committed meanwhile.
 _READ_ATTEMPTS = 5
 
 
@@ -1200,10 +964,10 @@ def validate_in_code_system(
         )
     wanted = version or first.version
     cs = concepts.find_code_system(session, system, wanted)
-    rules = {system: [_Rule(None, system, cs.version if cs else wanted)]}
+    rules = {system: [Rule(None, system, cs.version if cs else wanted)]}
     name = cs.canonical if cs else canonical(system, wanted)
-    scope = _Scope(session, name, rules, None, cs)
-    return _run(session, scope, codings, mode, options)
+    scope = Scope(session, name, rules, None, cs)
+    return _run(Reads(session, keep=False), scope, codings, mode, options)
 
 
 # --- $lookup ---------------------------------------------------------------------------
