@@ -234,6 +234,8 @@ class _Reader:
             return None
         if not isinstance(value, str):
             raise self.error(_join(path, key), f"must be a string, not {_kind(value)}")
+        if value.isascii() and "\x00" not in value and len(value) <= MAX_STRING:
+            return value  # most strings: nothing more to check (or to name the path of)
         return self.text(value, _join(path, key))
 
     def text(self, value: str, path: str) -> str:
@@ -248,18 +250,21 @@ class _Reader:
                 path,
                 "contains a NUL character (U+0000), which FHIR strings may not hold",
             )
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise self.error(
-                path, "contains a lone surrogate: the text is not valid Unicode"
-            ) from None
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise self.error(
+                    path, "contains a lone surrogate: the text is not valid Unicode"
+                ) from None
         return value
 
     def key(self, value: str | None, path: str) -> str | None:
         """``value``, checked to fit the database indexes that look it up."""
+        # A character takes at most 4 bytes in UTF-8: a short value needs no encoding.
         if (
             value is not None
+            and len(value) * 4 > MAX_KEY_BYTES
             and len(value.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES
         ):
             raise self.error(
