@@ -86,6 +86,47 @@ def test_a_load_that_changes_a_value_set_is_seen_by_the_next_expansion(
     assert not _valid(fresh_engine, dropped)
 
 
+def test_what_an_expansion_reads_of_the_compose_follows_the_loads(
+    fresh_engine: Engine, tmp_path: Any
+) -> None:
+    # The imports of a value set are kept between expansions, by refresh token.
+    value_set = _json("simple/valueset-enumerated.json")
+    listed = {c["code"] for c in value_set["compose"]["include"][0]["concept"]}
+    imported = f"{value_set['url']}|{value_set['version']}"
+    outer = {
+        "resourceType": "ValueSet",
+        "url": "http://example.org/ValueSet/outer",
+        "version": "1",
+        "status": "active",
+        "compose": {"include": [{"valueSet": [VALUE_SET]}]},
+    }
+    load_mod.load(
+        fresh_engine,
+        [TX / "simple/codesystem-simple.json", TX / "simple/valueset-enumerated.json"],
+    )
+    path = tmp_path / "outer.json"
+
+    def expansion() -> Any:
+        with session_scope(fresh_engine) as session:
+            return expand(session, outer["url"], cache=False)
+
+    path.write_text(json.dumps(outer))
+    load_mod.load(fresh_engine, [path])
+    first = expansion()
+    assert {m.code for m in first.contains} == listed
+    assert first.used_value_sets == (imported,)
+    assert expansion().used_value_sets == (imported,)
+
+    # The same url|version, now taking one code of the code system directly.
+    code = sorted(listed)[0]
+    outer["compose"] = {"include": [{"system": SIMPLE, "concept": [{"code": code}]}]}
+    path.write_text(json.dumps(outer))
+    load_mod.load(fresh_engine, [path], replace=True)
+    after = expansion()
+    assert {m.code for m in after.contains} == {code}
+    assert after.used_value_sets == ()
+
+
 def test_validate_code_sees_a_code_system_loaded_after_its_value_set(
     fresh_engine: Engine,
 ) -> None:

@@ -443,8 +443,8 @@ def _expand(
     name = canonical(value_set.url, value_set.version)
     if options.language is None:
         options = replace(options, language=default_language(value_set))
-    reached = closure(session, value_set.id)
-    used = used_code_systems(session, reached)
+    definition = _definition(session, value_set.id)
+    used = definition.used
     check_versions(used, options.versions)
     supplements = [
         require_supplement(session, reference)
@@ -467,7 +467,7 @@ def _expand(
         concept_ids,
         options,
         supplements,
-        listed_annotations(session, reached),
+        definition.annotations,
     )
     members = [m for m in members if _wanted(m, options)]
     total = len(members)
@@ -486,7 +486,7 @@ def _expand(
     elif options.hierarchical:
         members = _nest(session, members)
 
-    versioned = _versioned_systems(session, reached, members)
+    versioned = _versioned_systems(definition.versions_of, members)
     return Expansion(
         url=value_set.url,
         version=value_set.version,
@@ -497,36 +497,16 @@ def _expand(
         title=value_set.title,
         status=value_set.status,
         used_code_systems=tuple(cs.canonical for cs in used),
-        used_value_sets=tuple(
-            canonical(row.url, row.version)
-            for row in session.execute(
-                sa.select(ValueSet.url, ValueSet.version).where(
-                    concepts.id_in(session, ValueSet.id, reached),
-                    ValueSet.id != value_set.id,
-                )
-            )
-        ),
+        used_value_sets=definition.used_value_sets,
         used_supplements=tuple(s.canonical for s in supplements),
         versioned_systems=versioned,
     )
 
 
 def _versioned_systems(
-    session: Session,
-    value_set_ids: concepts.Ids,
-    members: list[Member],
+    versions_of: Mapping[str, frozenset[str | None]], members: list[Member]
 ) -> tuple[str, ...]:
-    versions_of: dict[str, set[str | None]] = defaultdict(set)
-    for system, version in session.execute(
-        sa.select(ComposeRule.system, ComposeRule.version)
-        .where(
-            concepts.id_in(session, ComposeRule.value_set_id, value_set_ids),
-            ComposeRule.kind == "include",
-            ComposeRule.system.is_not(None),
-        )
-        .distinct()
-    ):
-        versions_of[str(system)].add(version)
+    """The systems the includes name several versions of, or shown in several."""
     shown: dict[str, set[str | None]] = defaultdict(set)
     for member in members:
         shown[member.system].add(member.version)
@@ -534,9 +514,74 @@ def _versioned_systems(
         sorted(
             s
             for s in {*versions_of, *shown}
-            if len(versions_of[s]) > 1 or len(shown[s]) > 1
+            if len(versions_of.get(s, ())) > 1 or len(shown[s]) > 1
         )
     )
+
+
+@dataclass(frozen=True)
+class _Definition:
+    """What an expansion reads of a value set's compose and of those it imports."""
+
+    #: Ids of the value set and of every value set it imports.
+    reached: tuple[int, ...]
+    #: The code systems their includes resolve to.
+    used: tuple[CodeSystemInfo, ...]
+    #: ``url|version`` of the imported value sets.
+    used_value_sets: tuple[str, ...]
+    annotations: Mapping[tuple[str, str], Annotation]
+    #: The versions the includes name, by system.
+    versions_of: Mapping[str, frozenset[str | None]]
+
+
+def _definition(session: Session, value_set_id: int) -> _Definition:
+    """The definition of ``value_set_id``, kept by (database, refresh token): only a
+    load changes it, and every load replaces the token."""
+    database, token = membership_state(session)
+    key = (database, token, value_set_id)
+    with _DEFINITIONS_LOCK:
+        found = _DEFINITIONS.get(key) if token is not None else None
+    if found is not None:
+        return found
+    reached = closure(session, value_set_id)
+    versions_of: dict[str, set[str | None]] = defaultdict(set)
+    for system, version in session.execute(
+        sa.select(ComposeRule.system, ComposeRule.version)
+        .where(
+            concepts.id_in(session, ComposeRule.value_set_id, reached),
+            ComposeRule.kind == "include",
+            ComposeRule.system.is_not(None),
+        )
+        .distinct()
+    ):
+        versions_of[str(system)].add(version)
+    found = _Definition(
+        reached=tuple(reached),
+        used=tuple(used_code_systems(session, reached)),
+        used_value_sets=tuple(
+            canonical(row.url, row.version)
+            for row in session.execute(
+                sa.select(ValueSet.url, ValueSet.version).where(
+                    concepts.id_in(session, ValueSet.id, reached),
+                    ValueSet.id != value_set_id,
+                )
+            )
+        ),
+        annotations=listed_annotations(session, reached),
+        versions_of={s: frozenset(v) for s, v in versions_of.items()},
+    )
+    # Kept only if no recomputation committed while it was read (see expand).
+    if token is not None and refresh_token(session) == token:
+        with _DEFINITIONS_LOCK:
+            _DEFINITIONS[key] = found
+            while len(_DEFINITIONS) > _DEFINITIONS_KEPT:
+                _DEFINITIONS.pop(next(iter(_DEFINITIONS)))
+    return found
+
+
+_DEFINITIONS: dict[tuple[object, ...], _Definition] = {}
+_DEFINITIONS_KEPT = 256
+_DEFINITIONS_LOCK = threading.Lock()
 
 
 def require_supplement(session: Session, reference: str) -> CodeSystemInfo:

@@ -267,7 +267,11 @@ _TOKEN = sa.select(RefreshState.token)
 
 
 class _Kept(Generic[K, V]):
-    """A mapping that keeps its ``size`` most recently added entries."""
+    """A mapping that keeps its ``size`` most recently added entries.
+
+    Each read and each addition is one operation on the dict (atomic in CPython);
+    additions are made under ``_STATES_LOCK``.
+    """
 
     def __init__(self, size: int) -> None:
         self.size = size
