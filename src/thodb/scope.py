@@ -15,6 +15,7 @@ read after the call shows that no load committed meanwhile.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -111,6 +112,10 @@ class _ScopeFacts:
     reached: tuple[int, ...]
     annotations: Mapping[tuple[str, str], Annotation]
     flagged: tuple[tuple[str, str], ...]
+    #: The systems whose includes all name one version.
+    one_version: frozenset[str]
+    #: The code system of each system whose includes all resolved to one.
+    resolved: Mapping[str, int]
 
 
 class Scope:
@@ -127,6 +132,7 @@ class Scope:
         annotations: Mapping[tuple[str, str], Annotation] | None = None,
         flagged: Sequence[tuple[str, str]] = (),
         rows: Mapping[tuple[str, str], MemberRow] | None = None,
+        one_version: frozenset[str] | None = None,
     ) -> None:
         self.session = session
         self.name = name
@@ -140,7 +146,10 @@ class Scope:
         #: (canonical, standards status) of the value sets of ``reached`` that are
         #: deprecated or withdrawn.
         self.flagged = tuple(flagged)
+        # Membership rows already read (``rows``), by (system, code).
         self._rows: dict[tuple[str, str], MemberRow] = dict(rows or {})
+        # The systems whose includes all name one version (computed when not given).
+        self._one_version = _one_version(rules) if one_version is None else one_version
         #: The membership was read after the scope was made.
         self.read_membership = False
 
@@ -157,8 +166,8 @@ class Scope:
         rules = self.rules.get(system, [])
         if not rules:
             return None
-        if len({r.version for r in rules}) == 1:
-            return rules[0]  # every include of the system names the same version
+        if system in self._one_version:
+            return rules[0]
         ids = [r.id for r in rules if r.id is not None]
         if ids:
             self.read_membership = True
@@ -256,11 +265,16 @@ _PROBE_SQL = (
 
 
 def _probe_sql(connection: sa.Connection) -> str:
+    return _probe_sql_for(schema_prefix(connection), is_sqlite(connection))
+
+
+@functools.cache
+def _probe_sql_for(prefix: str, sqlite: bool) -> str:
     text = _PROBE_SQL.format(
-        p=schema_prefix(connection),
+        p=prefix,
         concept=", ".join(f"c.{column.key}" for column in concepts.DETAIL_COLUMNS),
     )
-    return text if is_sqlite(connection) else text.replace("?", "%s")  # psycopg
+    return text if sqlite else text.replace("?", "%s")  # psycopg
 
 
 _TOKEN = sa.select(RefreshState.token)
@@ -341,7 +355,8 @@ class Reads:
         else:
             assert kept is not None
             system, code = probe
-            code_system = _resolved(kept.scopes.get(known.id), system)
+            facts = kept.scopes.get(known.id)
+            code_system = facts.resolved.get(system) if facts is not None else None
             cursor = connection.connection.cursor()
             try:
                 cursor.execute(
@@ -437,6 +452,7 @@ class Reads:
             annotations=facts.annotations,
             flagged=facts.flagged,
             rows=self._probed if value_set.id == self._probed_of else None,
+            one_version=facts.one_version,
         )
 
     def settle(self, scope: Scope) -> bool:
@@ -473,10 +489,8 @@ class Reads:
         return found
 
 
-def _resolved(facts: _ScopeFacts | None, system: str) -> int | None:
-    """The code system that every include of ``system`` resolved to, if one."""
-    found = {r.code_system_id for r in facts.rules.get(system, ())} if facts else set()
-    return found.pop() if len(found) == 1 else None
+def _one_version(rules: Mapping[str, Sequence[Rule]]) -> frozenset[str]:
+    return frozenset(s for s, of in rules.items() if len({r.version for r in of}) == 1)
 
 
 def _scope_facts(session: Session, value_set_id: int) -> _ScopeFacts:
@@ -509,8 +523,18 @@ def _scope_facts(session: Session, value_set_id: int) -> _ScopeFacts:
             .order_by(ValueSet.url)
         )
     )
+    resolved: dict[str, int] = {}
+    for system, of in rules.items():
+        ids = {r.code_system_id for r in of}
+        if len(ids) == 1 and (only := ids.pop()) is not None:
+            resolved[system] = only
     return _ScopeFacts(
-        rules, tuple(reached), listed_annotations(session, reached), flagged
+        rules,
+        tuple(reached),
+        listed_annotations(session, reached),
+        flagged,
+        _one_version(rules),
+        resolved,
     )
 
 
