@@ -4,9 +4,7 @@
 each job line on stdin (``{"url", "paths", "replace"}``) forks a process that creates
 the schema (untimed, so the figure is the load itself), loads, and answers one JSON
 line on stdout: the wall time, the time of each phase (read and parse, write, refresh
-and commit, taken from the loader's progress callback) and the process's peak RSS. As
-``thodb load`` does, the load parses files in one process per CPU when there are many;
-the peak RSS is that of the loading process, which holds all that is parsed.
+and commit, taken from the loader's progress callback) and the process's peak RSS.
 
 A forked process starts with the server's resident set (an interpreter that has
 imported thodb, like a fresh ``thodb load``) and its own high-water mark, so its
@@ -27,7 +25,6 @@ from typing import Any
 
 from thodb.db import create_engine, session_scope
 from thodb.errors import ThodbError
-from thodb.fhir.read import cpu_count
 from thodb.load import ensure_schema, load
 
 
@@ -59,7 +56,6 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
             [Path(p) for p in job["paths"]],
             replace=job["replace"],
             progress=progress,
-            workers=cpu_count(),  # as thodb load does
         )
         summary = dataclasses.asdict(result)
         summary.pop("duplicates", None)

@@ -21,9 +21,7 @@ from reference import ReferenceExpansionError, Terminology
 from thodb.db import schema_prefix, session_scope
 from thodb.errors import LoadError, NotExpandableError
 from thodb.expand import expand
-from thodb.fhir.read import PARALLEL_FILES
 from thodb.load import load
-from thodb.seed import seeds_path
 
 CS = "http://example.org/CodeSystem/shapes"
 VS = "http://example.org/ValueSet/"
@@ -429,51 +427,6 @@ def test_two_files_with_one_url_and_different_content_in_one_load(
     duplicate = r"r2.json: url: .* is also in .*r1.json with different content"
     with pytest.raises(LoadError, match=duplicate):
         load(fresh_engine, [_write(tmp_path, _code_system(), one, two)])
-
-
-# --- files parsed in several processes -------------------------------------------
-
-
-def test_files_parsed_in_several_processes_load_the_same_rows(
-    databases: Any, engine_kind: str
-) -> None:
-    folder = seeds_path() / "dicom"
-    assert len(list(folder.glob("*.json"))) >= PARALLEL_FILES
-    loaded = []
-    for workers in (1, 2):
-        engine = databases.engine(engine_kind)
-        summary = load(engine, [folder], workers=workers)
-        loaded.append((table_checksums(engine), summary))
-    assert loaded[0] == loaded[1]
-
-
-def test_the_first_bad_file_is_reported_when_files_are_parsed_in_several_processes(
-    fresh_engine: Engine, tmp_path: Path
-) -> None:
-    resources = [_value_set(f"many-{i}", {"system": CS}) for i in range(PARALLEL_FILES)]
-    folder = _write(tmp_path / "many", _code_system(), *resources)
-    (folder / "notes.json").write_text('{"title": "not a FHIR resource"}')
-    # In file order r050-bad.json comes first; the other one is not valid JSON.
-    (folder / "r050-bad.json").write_text(
-        json.dumps({"resourceType": "ValueSet", "url": 5})
-    )
-    (folder / "r150-bad.json").write_text("{")
-    found = []
-    for workers in (1, 2):
-        with pytest.raises(LoadError) as error:
-            load(fresh_engine, [folder], workers=workers)
-        found.append((error.value.source, error.value.path, error.value.message))
-    assert found[0] == found[1]
-    assert found[0][:2] == (str(folder / "r050-bad.json"), "url")
-    with fresh_engine.connect() as connection:
-        schema = None if fresh_engine.dialect.name == "sqlite" else "tho"
-        assert sa.inspect(connection).get_table_names(schema=schema) == []
-
-    (folder / "r050-bad.json").unlink()
-    (folder / "r150-bad.json").unlink()
-    summary = load(fresh_engine, [folder], workers=2)
-    assert (summary.files, summary.skipped_not_fhir) == (len(resources) + 2, 1)
-    assert summary.value_sets_added == len(resources)
 
 
 # --- formats -----------------------------------------------------------------------

@@ -30,7 +30,6 @@ from thodb.errors import ThodbError
 from thodb.expand import ExpandOptions, Member
 from thodb.expand import expand as expand_value_set
 from thodb.fhir import operations as fhir_operations
-from thodb.fhir.read import cpu_count
 from thodb.fhir.resources import DEFAULT_CANONICAL_BASE
 from thodb.languages import LanguagePreference
 from thodb.load import LoadSummary
@@ -225,18 +224,7 @@ def _outcomes(what: str, added: int, replaced: int, unchanged: int) -> str:
     return f"{what}: {added} added, {replaced} replaced, {unchanged} unchanged"
 
 
-_JOBS = click.option(
-    "--jobs",
-    type=click.IntRange(min=1),
-    metavar="N",
-    help="Processes that parse the files (default: one per CPU; 1 parses them in "
-    "this process). Only a load of 200 files or more starts them.",
-)
-
-
-def _run_load(
-    paths: list[str], canonical_base: str, replace: bool, jobs: int | None
-) -> None:
+def _run_load(paths: list[str], canonical_base: str, replace: bool) -> None:
     state = _state()
     _status(f"loading into {safe_url(state.engine().url)}")
     summary = load_paths(
@@ -245,7 +233,6 @@ def _run_load(
         canonical_base=canonical_base,
         replace=replace,
         progress=_Progress(state.quiet),
-        workers=jobs or cpu_count(),
     )
     _print_summary(summary)
 
@@ -264,10 +251,7 @@ def _run_load(
     is_flag=True,
     help="Replace a loaded url|version whose content differs (default: refuse).",
 )
-@_JOBS
-def load(
-    paths: tuple[str, ...], canonical_base: str, replace: bool, jobs: int | None
-) -> None:
+def load(paths: tuple[str, ...], canonical_base: str, replace: bool) -> None:
     """Load FHIR CodeSystem and ValueSet resources, in one transaction.
 
     PATHS are JSON or XML files, Bundles, FHIR NPM packages (.tgz) or folders (read
@@ -277,12 +261,11 @@ def load(
     Example:
       thodb load ../shared/data/tho
     """
-    _run_load(list(paths), canonical_base, replace, jobs)
+    _run_load(list(paths), canonical_base, replace)
 
 
 @main.command()
-@_JOBS
-def seed(jobs: int | None) -> None:
+def seed() -> None:
     """Create or upgrade the schema and load the shipped seed content.
 
     The seeds are THO's Image Reference Type value set, the DICOM DCM code system, the
@@ -294,7 +277,7 @@ def seed(jobs: int | None) -> None:
     """
     engine = _state().engine()
     migrate.upgrade(engine)
-    _run_load([str(seeds_path())], DEFAULT_CANONICAL_BASE, False, jobs)
+    _run_load([str(seeds_path())], DEFAULT_CANONICAL_BASE, replace=False)
 
 
 # --- schema --------------------------------------------------------------------------

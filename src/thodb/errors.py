@@ -28,10 +28,6 @@ class LoadError(ThodbError):
         where = f"{source}: {path}" if path else source
         super().__init__(f"{where}: {message}")
 
-    def __reduce__(self) -> tuple[type[LoadError], tuple[str, str, str]]:
-        # Raised in a reading process, re-raised in the loading one.
-        return (type(self), (self.source, self.path, self.message))
-
 
 class NotFoundError(ThodbError):
     """A value set, code system or concept that was asked for is not loaded."""

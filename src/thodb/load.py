@@ -99,7 +99,6 @@ def load(
     canonical_base: str = DEFAULT_CANONICAL_BASE,
     replace: bool = False,
     progress: Progress | None = None,
-    workers: int = 1,
 ) -> LoadSummary:
     """Load every CodeSystem and ValueSet under ``paths`` in one transaction.
 
@@ -111,19 +110,13 @@ def load(
     :param replace: replace a loaded ``url|version`` whose content differs, instead of
         refusing the load.
     :param progress: see :data:`Progress`.
-    :param workers: processes that parse the files (see
-        :func:`thodb.fhir.read.read_paths`; ``thodb load`` uses one per CPU).
     :raises LoadError: for bad input, naming the file and element path.
     :raises DatabaseError: when the schema is not at the current revision.
     """
     summary = LoadSummary()
     counts = ReadCounts()
     records = _parse(
-        read_paths(paths, counts, workers=workers),
-        canonical_base,
-        summary,
-        progress,
-        counts,
+        read_paths(paths, counts), canonical_base, summary, progress, counts
     )
     with session_scope(engine, write=True) as session:
         lock_for_load(session)

@@ -7,14 +7,10 @@ Every input ends up as FHIR JSON dicts: JSON is parsed directly, XML through
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import multiprocessing
-import os
 import tarfile
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -57,10 +53,7 @@ class ReadCounts:
 
 
 def read_paths(
-    paths: Sequence[str | Path],
-    counts: ReadCounts | None = None,
-    *,
-    workers: int = 1,
+    paths: Sequence[str | Path], counts: ReadCounts | None = None
 ) -> Iterator[Resource]:
     """Yield every CodeSystem and ValueSet under ``paths``, in a stable order.
 
@@ -70,73 +63,18 @@ def read_paths(
     error. Other resource types are errors, except inside NPM packages, which carry
     many kinds of resources.
 
-    :param workers: with more than one, and at least :data:`PARALLEL_FILES` files,
-        that many processes parse the JSON and XML files (the results still come in
-        this order; packages are read here). They are started with ``spawn``, so a
-        script that calls this needs the ``if __name__ == "__main__":`` guard.
-    :raises LoadError: for a file that cannot be read or parsed, or a refused type:
-        the first such file in this order.
+    :raises LoadError: for a file that cannot be read or parsed, or a refused type.
     """
     counts = counts if counts is not None else ReadCounts()
-    files: list[tuple[Path, bool]] = []
     for given in paths:
         path = Path(given)
         if path.is_dir():
-            files += [(p, True) for p in sorted(path.rglob("*")) if _wanted(p)]
+            for child in sorted(p for p in path.rglob("*") if _wanted(p)):
+                yield from _read_file(child, counts, in_folder=True)
         elif path.exists():
-            files.append((path, False))
+            yield from _read_file(path, counts, in_folder=False)
         else:
             raise LoadError(str(path), "", "no such file or folder")
-    plain = [p for p, _ in files if not p.name.lower().endswith(_PACKAGE_SUFFIXES)]
-    with _reader_pool(workers if len(plain) >= PARALLEL_FILES else 1) as pool:
-        read = iter(
-            pool.map(_read_file, plain, chunksize=16)
-            if pool is not None
-            else map(_read_file, plain)
-        )
-        for path, in_folder in files:
-            counts.files += 1
-            if path.name.lower().endswith(_PACKAGE_SUFFIXES):
-                yield from _read_package(path, counts)
-                continue
-            resource = next(read)
-            source = str(path)
-            if resource is None:
-                if not in_folder:
-                    raise LoadError(
-                        source, "resourceType", "not a FHIR resource (no resourceType)"
-                    )
-                counts.skipped_not_fhir += 1
-                log.info("%s: not a FHIR resource, passed over", source)
-                continue
-            yield from expand_bundle(Resource(source, resource), counts, strict=True)
-
-
-#: Fewer JSON and XML files than this are read in this process: starting processes
-#: would cost more than it saves.
-PARALLEL_FILES = 200
-
-
-def cpu_count() -> int:
-    """The CPUs this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-@contextlib.contextmanager
-def _reader_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
-    if workers < 2:
-        yield None
-        return
-    # spawn: a forked child of a process with threads (a service) may deadlock.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        try:
-            yield pool
-        finally:
-            # An error or an abandoned read: files not yet started are not parsed.
-            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _wanted(path: Path) -> bool:
@@ -148,9 +86,15 @@ def _wanted(path: Path) -> bool:
     )
 
 
-def _read_file(path: Path) -> dict[str, Any] | None:
-    """The resource in one JSON or XML file; ``None`` for JSON that is not FHIR."""
+def _read_file(
+    path: Path, counts: ReadCounts, *, in_folder: bool
+) -> Iterator[Resource]:
+    counts.files += 1
+    name = path.name.lower()
     source = str(path)
+    if name.endswith(_PACKAGE_SUFFIXES):
+        yield from _read_package(path, counts)
+        return
     try:
         size = path.stat().st_size
         if size > MAX_FILE_BYTES:
@@ -158,7 +102,16 @@ def _read_file(path: Path) -> dict[str, Any] | None:
         data = path.read_bytes()
     except OSError as exc:
         raise LoadError(source, "", f"cannot read: {exc.strerror}") from None
-    return parse_bytes(data, source, xml=path.name.lower().endswith(".xml"))
+    resource = parse_bytes(data, source, xml=name.endswith(".xml"))
+    if resource is None:
+        if not in_folder:
+            raise LoadError(
+                source, "resourceType", "not a FHIR resource (no resourceType)"
+            )
+        counts.skipped_not_fhir += 1
+        log.info("%s: not a FHIR resource, passed over", source)
+        return
+    yield from expand_bundle(Resource(source, resource), counts, strict=True)
 
 
 def parse_bytes(data: bytes, source: str, *, xml: bool) -> dict[str, Any] | None:
