@@ -7,10 +7,10 @@ the way. :class:`Reads` is what one call reads of value sets and code systems.
 Only a load changes those facts, and every load recomputes the membership and replaces
 the refresh token (:class:`thodb.models.RefreshState`). So the facts are kept in this
 process by (database, token), and a warm call checks that they still hold in the same
-statement that reads the code's membership row: one statement in all when the code
-system is not loaded (SNOMED CT in the DICOM context groups), a few more to read the
-concept when it is. Facts a call reads for the first time are kept only when the token
-read after the call shows that no load committed meanwhile.
+statement that reads the code's membership row and its concept (in the code system
+the includes resolved to): one statement in all, and one more for the designations
+when a display is checked. Facts a call reads for the first time are kept only when
+the token read after the call shows that no load committed meanwhile.
 """
 
 from __future__ import annotations
