@@ -1,9 +1,10 @@
 """The expansion cache never answers from a state that is no longer the database's.
 
-Neither do the facts validate-code keeps of a value set's scope. A load recomputes the
-membership and replaces the refresh token; a request's own
-resources (loaded in a transaction that is rolled back) give a token that is never
-current again. Expected codes come from the FHIR files, read here.
+Neither do the facts validate-code keeps (value sets, code systems, scopes) nor what an
+expansion keeps of a compose. A load recomputes the membership and replaces the
+refresh token; a request's own resources (loaded in a transaction that is rolled back)
+give a token that is never current again. Expected codes come from the FHIR files,
+read here.
 """
 
 from __future__ import annotations
