@@ -303,7 +303,9 @@ def expand(
     if found is not None:
         return replace(found, contains=list(found.contains))
     value_set, members = _read_consistently(session, url, version, live)
-    expansion = _expand(session, value_set, members, options, stored=True)
+    expansion = _expand(
+        session, value_set, members, options, stored=True, state=(database, token)
+    )
     # Under READ COMMITTED each statement may see a later commit: the answer is of the
     # token's state only if no recomputation committed meanwhile (tokens never repeat).
     if token is not None and value_set.id == key[2] and refresh_token(session) == token:
@@ -437,13 +439,15 @@ def _expand(
     options: ExpandOptions,
     *,
     stored: bool,
+    state: tuple[str, str | None] | None = None,
 ) -> Expansion:
     """The expansion of ``value_set`` from its membership ``rows`` (``stored``: its
-    ``value_set_member`` rows, not a live computation)."""
+    ``value_set_member`` rows, not a live computation); ``state``: the
+    :func:`membership_state` the caller read, if it did."""
     name = canonical(value_set.url, value_set.version)
     if options.language is None:
         options = replace(options, language=default_language(value_set))
-    definition = _definition(session, value_set.id)
+    definition = _definition(session, value_set.id, state)
     used = definition.used
     check_versions(used, options.versions)
     supplements = [
@@ -534,10 +538,13 @@ class _Definition:
     versions_of: Mapping[str, frozenset[str | None]]
 
 
-def _definition(session: Session, value_set_id: int) -> _Definition:
+def _definition(
+    session: Session, value_set_id: int, state: tuple[str, str | None] | None
+) -> _Definition:
     """The definition of ``value_set_id``, kept by (database, refresh token): only a
-    load changes it, and every load replaces the token."""
-    database, token = membership_state(session)
+    load changes it, and every load replaces the token. ``state`` is read when not
+    given."""
+    database, token = state or membership_state(session)
     key = (database, token, value_set_id)
     with _DEFINITIONS_LOCK:
         found = _DEFINITIONS.get(key) if token is not None else None
