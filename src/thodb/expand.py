@@ -26,6 +26,7 @@ from thodb import concepts, sql, versions
 from thodb.canonical import canonical
 from thodb.concepts import CodeSystemInfo, ConceptDetails, Property
 from thodb.errors import NotExpandableError, NotFoundError
+from thodb.kept import Kept
 from thodb.languages import (
     PREFERRED_FOR_LANGUAGE,
     Designation,
@@ -546,8 +547,7 @@ def _definition(
     given."""
     database, token = state or membership_state(session)
     key = (database, token, value_set_id)
-    with _DEFINITIONS_LOCK:
-        found = _DEFINITIONS.get(key) if token is not None else None
+    found = _DEFINITIONS.get(key) if token is not None else None
     if found is not None:
         return found
     reached = closure(session, value_set_id)
@@ -580,14 +580,11 @@ def _definition(
     # Kept only if no recomputation committed while it was read (see expand).
     if token is not None and refresh_token(session) == token:
         with _DEFINITIONS_LOCK:
-            _DEFINITIONS[key] = found
-            while len(_DEFINITIONS) > _DEFINITIONS_KEPT:
-                _DEFINITIONS.pop(next(iter(_DEFINITIONS)))
+            _DEFINITIONS.update({key: found})
     return found
 
 
-_DEFINITIONS: dict[tuple[object, ...], _Definition] = {}
-_DEFINITIONS_KEPT = 256
+_DEFINITIONS: Kept[tuple[object, ...], _Definition] = Kept(256)
 _DEFINITIONS_LOCK = threading.Lock()
 
 

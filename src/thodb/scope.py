@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -37,6 +36,7 @@ from thodb.expand import (
     find_value_set,
     listed_annotations,
 )
+from thodb.kept import Kept
 from thodb.languages import LanguagePreference
 from thodb.models import (
     ComposeRule,
@@ -280,34 +280,14 @@ def _probe_sql_for(prefix: str, sqlite: bool) -> str:
 _TOKEN = sa.select(RefreshState.token)
 
 
-class _Kept(Generic[K, V]):
-    """A mapping that keeps its ``size`` most recently added entries.
-
-    Each read and each addition is one operation on the dict (atomic in CPython);
-    additions are made under ``_STATES_LOCK``.
-    """
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._entries: OrderedDict[K, V] = OrderedDict()
-
-    def get(self, key: K) -> V | None:
-        return self._entries.get(key)
-
-    def update(self, items: Mapping[K, V]) -> None:
-        self._entries.update(items)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
-
-
 class _State:
     """The facts of one membership state (database, refresh token)."""
 
     def __init__(self, token: str) -> None:
         self.token = token
-        self.value_sets: _Kept[tuple[str, str | None], ValueSetFacts] = _Kept(_KEPT)
-        self.code_systems: _Kept[str, tuple[CodeSystemInfo, ...]] = _Kept(_KEPT * 4)
-        self.scopes: _Kept[int, _ScopeFacts] = _Kept(_KEPT)
+        self.value_sets: Kept[tuple[str, str | None], ValueSetFacts] = Kept(_KEPT)
+        self.code_systems: Kept[str, tuple[CodeSystemInfo, ...]] = Kept(_KEPT * 4)
+        self.scopes: Kept[int, _ScopeFacts] = Kept(_KEPT)
 
 
 #: Value sets (and scopes) kept per state; four times as many code systems.
@@ -479,7 +459,7 @@ class Reads:
 
     @staticmethod
     def _get(
-        mine: dict[K, V], kept: _Kept[K, V] | None, key: K, read: Callable[[], V]
+        mine: dict[K, V], kept: Kept[K, V] | None, key: K, read: Callable[[], V]
     ) -> V:
         found = mine.get(key)
         if found is None and kept is not None:
