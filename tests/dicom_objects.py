@@ -7,7 +7,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.sr.coding import Code
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 
 def code_item(code: Code | hd.sr.CodedConcept) -> Dataset:
@@ -88,3 +88,22 @@ def ct_slice(
     ct.RescaleSlope = 1
     ct.PixelData = np.zeros((size, size), dtype=np.int16).tobytes()
     return ct
+
+
+def ct_series(count: int, size: int, localizer: Code) -> list[Dataset]:
+    """``count`` slices of one new axial CT series; the last names the first as its
+    localizer (purpose of reference ``localizer``)."""
+    study, series, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
+    slices = [
+        ct_slice(
+            study=study,
+            series=series,
+            frame_of_reference=frame_of_reference,
+            uid=generate_uid(),
+            index=index,
+            size=size,
+        )
+        for index in range(count)
+    ]
+    name_localizer(slices, localizer)
+    return slices

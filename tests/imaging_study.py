@@ -21,8 +21,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy.engine import Engine
 
 from dicom_objects import (
-    ct_slice,
-    name_localizer,
+    ct_series,
     referenced_instances,
 )
 from thodb.db import schema_prefix
@@ -65,24 +64,6 @@ class Study:
     def datasets(self) -> list[Dataset]:
         """Every DICOM object written."""
         return [*self.cts, self.seg, self.sr]
-
-
-def _ct_series(count: int = 2, size: int = 8) -> list[Dataset]:
-    """A small axial CT series; the last slice names the first as its localizer."""
-    study, series, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
-    slices = []
-    for index in range(count):
-        ct = ct_slice(
-            study=study,
-            series=series,
-            frame_of_reference=frame_of_reference,
-            uid=generate_uid(),
-            index=index,
-            size=size,
-        )
-        slices.append(ct)
-    name_localizer(slices, LOCALIZER)
-    return slices
 
 
 def _segmentation(cts: list[Dataset]) -> Dataset:
@@ -146,7 +127,7 @@ def _structured_report(seg: Dataset) -> Dataset:
 
 def build_study(root: Path) -> Study:
     """Write a CT series, its Segmentation, an SR and a text file under ``root``."""
-    cts = _ct_series()
+    cts = ct_series(2, 8, LOCALIZER)
     seg = _segmentation(cts)
     sr = _structured_report(seg)
     files: dict[str, Path] = {}

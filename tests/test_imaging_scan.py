@@ -22,8 +22,7 @@ from pydicom.uid import generate_uid
 
 from dicom_objects import (
     code_item,
-    ct_slice,
-    name_localizer,
+    ct_series,
     referenced_instances,
 )
 from thodb.errors import LoadError
@@ -77,25 +76,12 @@ Key = tuple[str, str, str | None, str, str | None]
 """(SOP Instance UID, attribute path, designator, code value, system) of one item."""
 
 
-def _ct_series(count: int = 3, size: int = 8) -> list[Dataset]:
-    """Build a small axial CT series with one anatomic region per slice."""
-    study, series, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
-    slices = []
-    for index in range(count):
-        ct = ct_slice(
-            study=study,
-            series=series,
-            frame_of_reference=frame_of_reference,
-            uid=generate_uid(),
-            index=index,
-            size=size,
-        )
+def _ct_series() -> list[Dataset]:
+    """A small axial CT series with one anatomic region per slice."""
+    slices = ct_series(3, 8, LOCALIZER)
+    for ct in slices:
         # A legacy SRT code, in a sequence whose keyword does not end in CodeSequence.
         ct.AnatomicRegionSequence = Sequence([code_item(ABDOMEN_SRT)])
-        slices.append(ct)
-
-    # The last slice names the first as its localizer.
-    name_localizer(slices, LOCALIZER)
     return slices
 
 
