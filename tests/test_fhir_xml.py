@@ -569,15 +569,67 @@ def test_external_entity_is_refused_without_reading_the_file(tmp_path: Path) -> 
         assert "root:" not in str(error)
 
 
+BILLION_LAUGHS = (
+    '<?xml version="1.0" encoding="{encoding}"?><!DOCTYPE CodeSystem ['
+    '<!ENTITY lol0 "lol">'
+    + "".join(f'<!ENTITY lol{n} "{f"&lol{n - 1};" * 10}">' for n in range(1, 10))
+    + "]>"
+    + code_system('<status value="&lol9;"/>')
+)
+
+
 def test_billion_laughs_is_refused() -> None:
-    entities = '<!ENTITY lol0 "lol">' + "".join(
-        f'<!ENTITY lol{n} "{f"&lol{n - 1};" * 10}">' for n in range(1, 10)
-    )
-    error = load_error(
-        f'<?xml version="1.0"?><!DOCTYPE CodeSystem [{entities}]>'
-        + code_system('<status value="&lol9;"/>')
-    )
+    error = load_error(BILLION_LAUGHS.format(encoding="UTF-8"))
     assert "DTD or entity declarations is not accepted" in error.message
+
+
+@pytest.mark.parametrize(
+    ("encoding", "codec"),
+    [("UTF-16", "utf-16"), ("UTF-16LE", "utf-16-le"), ("ISO-8859-1", "latin-1")],
+)
+def test_dtd_is_refused_in_other_encodings(encoding: str, codec: str) -> None:
+    # In UTF-16 the bytes of "<!DOCTYPE" are not the ASCII ones: no byte search finds
+    # them, and the DTD must still be refused.
+    data = BILLION_LAUGHS.format(encoding=encoding).encode(codec)
+    assert "DTD or entity declarations is not accepted" in load_error(data).message
+
+
+@pytest.mark.parametrize(
+    ("encoding", "codec"),
+    [("UTF-16", "utf-16"), ("UTF-16BE", "utf-16-be"), ("ISO-8859-1", "latin-1")],
+)
+def test_other_encodings_give_the_same_dict(encoding: str, codec: str) -> None:
+    text = CODE_SYSTEM_XML.replace('encoding="UTF-8"', f'encoding="{encoding}"')
+    text = text.replace("Colors for testing", "Farben für Tests")
+    expected = json.loads(
+        CODE_SYSTEM_JSON.replace("Colors for testing", "Farben für Tests")
+    )
+    assert parse_xml(text.encode(codec), "other.xml") == expected
+
+
+def test_doctype_in_a_comment_is_no_dtd() -> None:
+    result = parse(
+        '<?xml version="1.0"?><!-- no <!DOCTYPE here -->'
+        '<CodeSystem xmlns="http://hl7.org/fhir"><status value="active"/></CodeSystem>'
+    )
+    assert result == {"resourceType": "CodeSystem", "status": "active"}
+
+
+def test_tho_files_parse_alike_through_defusedxml(
+    tho_manifest: list[dict[str, Any]],
+) -> None:
+    # A comment naming <!DOCTYPE sends a document to defusedxml's parser instead of
+    # ElementTree's C parser; every tenth THO XML file must give the same dict both ways.
+    entries = [entry for entry in tho_manifest if entry["format"] == "xml"][::10]
+    different: list[str] = []
+    for entry in entries:
+        data = (THO / entry["path"]).read_bytes()
+        end = data.find(b"?>") + 2 if b"<?xml" in data[:8] else data.find(b"<")
+        commented = data[:end] + b"<!-- <!DOCTYPE -->" + data[end:]
+        if parse_xml(commented, entry["path"]) != parse_xml(data, entry["path"]):
+            different.append(entry["path"])
+    assert len(entries) > 300
+    assert different == []
 
 
 @pytest.mark.parametrize(

@@ -30,11 +30,12 @@ repeats of one element, one ``value`` attribute makes them all primitives.
 
 from __future__ import annotations
 
+import codecs
 import copy
 import logging
 import re
 from typing import Any, Final
-from xml.etree.ElementTree import Element, ParseError, tostring
+from xml.etree.ElementTree import Element, ParseError, XMLParser, tostring
 
 # defusedxml ships no type information; types-defusedxml on PyPI has it.
 from defusedxml import DefusedXmlException  # type: ignore[import-untyped]
@@ -196,9 +197,22 @@ def parse_xml(data: bytes, source: str) -> dict[str, Any]:
 
 
 def _parse_document(data: bytes, source: str) -> Element:
-    """Parse ``data`` with DTDs and entities refused; raise :class:`LoadError` if it fails."""
+    """Parse ``data`` with DTDs and entities refused; raise :class:`LoadError` if it fails.
+
+    A document that cannot hold a DTD goes to ElementTree's C parser; any other one to
+    defusedxml, which refuses DTDs and entities as it meets them but runs ElementTree's
+    pure-Python parser (about twice the time on THO's XML files).
+    """
+    if _without_dtd(data):
+        parser = XMLParser()
+        try:
+            parser.feed(data)
+            root: Element = parser.close()
+        except ParseError as exc:
+            raise LoadError(source, "", f"XML is not well-formed: {exc}") from exc
+        return root
     try:
-        root: Element = safe_etree.fromstring(
+        root = safe_etree.fromstring(
             data, forbid_dtd=True, forbid_entities=True, forbid_external=True
         )
     except DefusedXmlException as exc:
@@ -206,6 +220,38 @@ def _parse_document(data: bytes, source: str) -> Element:
     except ParseError as exc:
         raise LoadError(source, "", f"XML is not well-formed: {exc}") from exc
     return root
+
+
+# Encodings in which expat reads every ASCII character as the byte of that character (it
+# knows these four itself; Python adds single-byte encodings, EBCDIC among them).
+_ASCII_ENCODINGS: Final = frozenset({b"utf-8", b"utf8", b"us-ascii", b"iso-8859-1"})
+_ENCODING: Final = re.compile(rb"""\sencoding\s*=\s*["']([^"']*)["']""")
+
+
+def _without_dtd(data: bytes) -> bool:
+    """True when ``data`` surely declares no DTD, and so no entity.
+
+    Entities can only be declared in a DTD, which starts with the characters
+    ``<!DOCTYPE``. In an encoding that writes ASCII as single bytes, a document
+    without those bytes has no DTD; one with them (maybe only in a comment), or in
+    another encoding (UTF-16, an EBCDIC code page), is left to defusedxml.
+    """
+    head = data[len(codecs.BOM_UTF8) :] if data.startswith(codecs.BOM_UTF8) else data
+    if not head.lstrip(b" \t\r\n").startswith(b"<") or b"\x00" in head[:4]:
+        return False  # UTF-16 or UTF-32 (with or without a byte order mark), EBCDIC
+    if head.startswith(b"<?xml"):
+        end = head.find(b"?>")
+        if end < 0:
+            return False
+        declared = _ENCODING.search(head, 0, end)
+        if declared and declared.group(1).lower() not in _ASCII_ENCODINGS:
+            return False
+    return b"<!DOCTYPE" not in data
+
+
+def _blank(text: str | None) -> bool:
+    """True for no text, or only white space (the indentation between elements)."""
+    return not text or text.isspace()
 
 
 def _resource_inside(element: Element) -> Element | None:
@@ -295,17 +341,29 @@ class _Converter:
                 or child_name in _REPEATING_EVERYWHERE
                 or child_name in repeating_here
             )
-            if any("value" in child.attrib for child in children):
+            if not repeating:
+                child = children[0]
+                attributes = child.attrib
+                if "value" not in attributes:
+                    obj[child_name] = self._complex(child, child_name, child_path)
+                elif len(attributes) == 1 and not len(child) and _blank(child.text):
+                    # Most elements: one primitive with nothing but its value.
+                    obj[child_name] = self._primitive(
+                        attributes["value"], child_name, name, child_path
+                    )
+                else:
+                    self._add_primitive(
+                        children, child_name, name, child_path, obj, repeating=False
+                    )
+            elif any("value" in child.attrib for child in children):
                 self._add_primitive(
                     children, child_name, name, child_path, obj, repeating=repeating
                 )
-            elif repeating:
+            else:
                 obj[child_name] = [
                     self._complex(child, child_name, f"{child_path}[{index}]")
                     for index, child in enumerate(children)
                 ]
-            else:
-                obj[child_name] = self._complex(children[0], child_name, child_path)
 
     def _group_children(
         self, element: Element, name: str, path: str, obj: dict[str, Any]
@@ -317,11 +375,17 @@ class _Converter:
         """
         groups: dict[str, list[Element]] = {}
         for child in element:
-            if child.tail and not child.tail.isspace():
-                self._check_text(child, name, path, child.tail)
+            tail = child.tail
+            if tail and not tail.isspace():
+                self._check_text(child, name, path, tail)
             tag = child.tag
             if tag.startswith(_FHIR_PREFIX):
-                groups.setdefault(tag[_FHIR_PREFIX_LENGTH:], []).append(child)
+                local = tag[_FHIR_PREFIX_LENGTH:]
+                group = groups.get(local)
+                if group is None:
+                    groups[local] = [child]
+                else:
+                    group.append(child)
             elif tag == _XHTML_DIV:
                 self._add_div(child, f"{path}.div" if path else "div", obj)
             else:
