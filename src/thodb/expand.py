@@ -22,7 +22,7 @@ from typing import NamedTuple
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from thodb import concepts, sql, versions
+from thodb import collector, concepts, sql, versions
 from thodb.canonical import canonical
 from thodb.concepts import CodeSystemInfo, ConceptDetails, Property
 from thodb.errors import NotExpandableError, NotFoundError
@@ -294,7 +294,7 @@ def expand(
     """
     options = options or ExpandOptions()
     if live or options.versions or not cache:
-        with version_scope(session, options.versions):
+        with version_scope(session, options.versions), collector.paused():
             value_set, members = _read_consistently(session, url, version, live)
             return _expand(session, value_set, members, options, stored=not live)
     value_set = find_value_set(session, url, version)
@@ -303,10 +303,11 @@ def expand(
     found = _CACHE.get(key)
     if found is not None:
         return replace(found, contains=list(found.contains))
-    value_set, members = _read_consistently(session, url, version, live)
-    expansion = _expand(
-        session, value_set, members, options, stored=True, state=(database, token)
-    )
+    with collector.paused():
+        value_set, members = _read_consistently(session, url, version, live)
+        expansion = _expand(
+            session, value_set, members, options, stored=True, state=(database, token)
+        )
     # Under READ COMMITTED each statement may see a later commit: the answer is of the
     # token's state only if no recomputation committed meanwhile (tokens never repeat).
     if token is not None and value_set.id == key[2] and refresh_token(session) == token:

@@ -21,7 +21,7 @@ from psycopg import sql as psycopg_sql
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from thodb import migrate
+from thodb import collector, migrate
 from thodb.canonical import canonical
 from thodb.db import is_sqlite, session_scope
 from thodb.errors import DatabaseError, LoadError
@@ -115,18 +115,20 @@ def load(
     """
     summary = LoadSummary()
     counts = ReadCounts()
-    records = _parse(
-        read_paths(paths, counts), canonical_base, summary, progress, counts
-    )
-    with session_scope(engine, write=True) as session:
-        lock_for_load(session)
-        ensure_schema(session.connection())
-        _write(session, records, replace, summary, progress)
-        if summary.changed:
-            if progress:
-                progress("expand", 0)
-            _prepare_refresh(session, summary)
-            summary.refresh = refresh(session)
+    # Parsed resources and their rows form no reference cycles (see thodb.collector).
+    with collector.paused():
+        records = _parse(
+            read_paths(paths, counts), canonical_base, summary, progress, counts
+        )
+        with session_scope(engine, write=True) as session:
+            lock_for_load(session)
+            ensure_schema(session.connection())
+            _write(session, records, replace, summary, progress)
+            if summary.changed:
+                if progress:
+                    progress("expand", 0)
+                _prepare_refresh(session, summary)
+                summary.refresh = refresh(session)
     return summary
 
 
