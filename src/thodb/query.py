@@ -80,6 +80,9 @@ class ValidateOptions:
     supplements: tuple[str, ...] = ()
 
 
+_NO_OPTIONS = ValidateOptions()
+
+
 @dataclass(frozen=True)
 class Validation:
     """The answer of ``$validate-code`` (FHIR Parameters ``result``, ``issues``...).
@@ -908,7 +911,7 @@ def validate_concept(
 
     :raises ValueSetNotFound: see :func:`validate_code`.
     """
-    options = options or ValidateOptions()
+    options = options or _NO_OPTIONS
     _supplements(session, options.supplements)
     # The membership row of a single coding is read with the refresh token.
     first = codings[0] if len(codings) == 1 else Coding(None, None)
@@ -951,7 +954,7 @@ def validate_in_code_system(
     :param version: its version (else the first coding's version).
     :raises TerminologyError: when no code system is given.
     """
-    options = options or ValidateOptions()
+    options = options or _NO_OPTIONS
     _supplements(session, options.supplements)
     first = codings[0] if codings else Coding(None, None)
     system = url or first.system

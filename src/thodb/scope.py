@@ -19,7 +19,7 @@ import functools
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -277,6 +277,18 @@ def _probe_sql_for(prefix: str, sqlite: bool) -> str:
     return text if sqlite else text.replace("?", "%s")  # psycopg
 
 
+def _probe_cursor(connection: sa.Connection) -> Any:
+    """The DB-API cursor that runs the probe on this database connection (made once
+    per connection: a psycopg cursor costs a few microseconds to make)."""
+    info = connection.connection.info
+    cursor = info.get(_PROBE_CURSOR)
+    if cursor is None:
+        cursor = info[_PROBE_CURSOR] = connection.connection.cursor()
+    return cursor
+
+
+_PROBE_CURSOR = "thodb.scope.probe_cursor"
+
 _TOKEN = sa.select(RefreshState.token)
 
 
@@ -337,15 +349,14 @@ class Reads:
             system, code = probe
             facts = kept.scopes.get(known.id)
             code_system = facts.resolved.get(system) if facts is not None else None
-            cursor = connection.connection.cursor()
-            try:
-                cursor.execute(
-                    _probe_sql(connection),
-                    (known.id, system, code, code_system, code),
-                )
-                row = cursor.fetchone()
-            finally:
-                cursor.close()
+            cursor = _probe_cursor(connection)
+            cursor.execute(
+                _probe_sql(connection), (known.id, system, code, code_system, code)
+            )
+            # All rows (there is one): a statement left unfinished would keep SQLite's
+            # read transaction open.
+            rows = cursor.fetchall()
+            row = rows[0] if rows else None
             self._token = row[0] if row is not None else None
             if row is not None and kept.token == self._token:
                 self._probed[probe] = None if row[1] is None else (row[2], row[3])

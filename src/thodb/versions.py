@@ -32,7 +32,9 @@ def _key(version: str) -> tuple[tuple[int, int | str], ...]:
 def newest(versions: Iterable[str | None]) -> str | None:
     """The newest of ``versions``; a missing version (``None``) loses to any other."""
     found = [v for v in versions if v is not None]
-    return max(found, key=_key) if found else None
+    if len(found) < 2:
+        return found[0] if found else None  # most code systems: one version loaded
+    return max(found, key=_key)
 
 
 def sort_key(version: str | None) -> tuple[int, tuple[tuple[int, int | str], ...]]:
