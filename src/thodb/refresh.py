@@ -49,6 +49,7 @@ from thodb.models import (
     CodeSystem,
     ComposeImport,
     ComposeRule,
+    ComposeRuleCode,
     RefreshState,
     ValueSet,
     ValueSetMember,
@@ -548,6 +549,7 @@ def refresh(session: Session, *, rules: VersionRules | None = None) -> RefreshSu
         )
 
     p = schema_prefix(session)
+    first = everything and _first_membership(session)
     if everything:
         session.execute(sa.text(f"DELETE FROM {p}compose_rule_code"))
         session.execute(sa.text(f"DELETE FROM {p}value_set_member"))
@@ -557,12 +559,13 @@ def refresh(session: Session, *, rules: VersionRules | None = None) -> RefreshSu
     passes = max(strata.values(), default=-1) + 1
     if affected:
         only = not everything
-        session.execute(sql.render(session, sql.RULE_CODES, pending_only=only))
-        for stratum in range(passes):
-            session.execute(
-                sql.render(session, sql.MATERIALIZE, pending_only=only),
-                {"stratum": stratum},
-            )
+        with _checked_after(session, first):
+            session.execute(sql.render(session, sql.RULE_CODES, pending_only=only))
+            for stratum in range(passes):
+                session.execute(
+                    sql.render(session, sql.MATERIALIZE, pending_only=only),
+                    {"stratum": stratum},
+                )
         session.execute(
             sa.text(
                 f"""
@@ -609,6 +612,64 @@ def refresh(session: Session, *, rules: VersionRules | None = None) -> RefreshSu
 
 # Any constant identifies thodb's lock; this one reads "thodb" in ASCII.
 _REFRESH_LOCK = 0x74686F6462
+
+
+def _first_membership(session: Session) -> bool:
+    """True on PostgreSQL when no value set has members yet (a first load) and nothing
+    else holds a lock on the tables whose foreign keys :func:`_checked_after` drops;
+    those tables are then locked until the load commits."""
+    p = schema_prefix(session)
+    if not p or session.scalar(sa.select(sa.exists().select_from(ValueSetMember))):
+        return False
+    savepoint = session.begin_nested()
+    try:
+        session.execute(
+            sa.text(
+                f"LOCK TABLE {p}value_set, {p}compose_rule, {p}value_set_member, "
+                f"{p}compose_rule_code IN ACCESS EXCLUSIVE MODE NOWAIT"
+            )
+        )
+    except sa.exc.OperationalError as exc:
+        if getattr(exc.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
+            raise
+        savepoint.rollback()
+        return False  # a reader or a request's transaction uses them: checked per row
+    savepoint.commit()
+    return True
+
+
+_LOCK_NOT_AVAILABLE = "55P03"
+
+# The foreign keys of the two tables a refresh fills; each points at a row that a load
+# wrote in the same transaction.
+_DERIVED_FOREIGN_KEYS = tuple(
+    constraint
+    for table in (ComposeRuleCode.__table__, ValueSetMember.__table__)
+    if isinstance(table, sa.Table)
+    for constraint in table.foreign_key_constraints
+)
+
+
+@contextmanager
+def _checked_after(session: Session, first: bool) -> Iterator[None]:
+    """On a first load, drop the foreign keys of the derived tables for the block and
+    add them back after it, which checks every row in one join.
+
+    PostgreSQL checks a foreign key row by row as rows are inserted: for THO, 0.6 s of
+    the 2.5 s that computing and inserting its 101,778 members took, against 0.07 s to
+    check them all at once (its manual's advice for populating a database). Dropping
+    a constraint needs the tables to itself until the load commits, so this is done
+    only when there is no membership yet for anyone to read and no other transaction
+    holds a lock on them (see :func:`_first_membership`).
+    """
+    if not first:
+        yield
+        return
+    for constraint in _DERIVED_FOREIGN_KEYS:
+        session.execute(sa.schema.DropConstraint(constraint))
+    yield
+    for constraint in _DERIVED_FOREIGN_KEYS:
+        session.execute(sa.schema.AddConstraint(constraint))
 
 
 def _serialize(session: Session) -> None:

@@ -1,0 +1,119 @@
+"""A first load into PostgreSQL adds the foreign keys of the tables the refresh fills
+after filling them: it must end with the constraints the migrations make, and must not
+wait for a transaction that holds those tables."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from conftest import Databases
+from thodb import migrate
+from thodb.db import session_scope
+from thodb.expand import expand
+from thodb.load import load
+
+CS = "http://example.org/CodeSystem/first-load"
+VS = "http://example.org/ValueSet/first-load"
+CODES = ["a", "b", "c"]
+
+_FOREIGN_KEYS = sa.text(
+    "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) "
+    "FROM pg_constraint WHERE contype = 'f' AND connamespace = 'tho'::regnamespace "
+    "ORDER BY 1, 2"
+)
+
+
+@pytest.fixture
+def postgresql(databases: Databases) -> Engine:
+    return databases.engine("postgresql")
+
+
+def _content(folder: Path) -> Path:
+    folder.mkdir(exist_ok=True)
+    code_system = {
+        "resourceType": "CodeSystem",
+        "url": CS,
+        "status": "active",
+        "content": "complete",
+        "concept": [{"code": code, "display": code.upper()} for code in CODES],
+    }
+    value_set = {
+        "resourceType": "ValueSet",
+        "url": VS,
+        "status": "active",
+        "compose": {"include": [{"system": CS}]},
+    }
+    for name, resource in (("cs.json", code_system), ("vs.json", value_set)):
+        (folder / name).write_text(json.dumps(resource))
+    return folder
+
+
+def _foreign_keys(engine: Engine) -> list[Any]:
+    with engine.connect() as connection:
+        return [tuple(row) for row in connection.execute(_FOREIGN_KEYS)]
+
+
+def _migrated_foreign_keys(databases: Databases) -> list[Any]:
+    engine = databases.engine("postgresql")
+    with engine.begin() as connection:
+        migrate.upgrade(connection)
+    return _foreign_keys(engine)
+
+
+def test_a_first_load_ends_with_the_migrations_foreign_keys(
+    postgresql: Engine, databases: Databases, tmp_path: Path
+) -> None:
+    load(postgresql, [_content(tmp_path / "content")])
+
+    assert _foreign_keys(postgresql) == _migrated_foreign_keys(databases)
+    with session_scope(postgresql) as session:
+        assert [m.code for m in expand(session, VS, cache=False).contains] == CODES
+
+
+def test_the_foreign_keys_still_refuse_a_member_of_no_value_set(
+    postgresql: Engine, tmp_path: Path
+) -> None:
+    load(postgresql, [_content(tmp_path / "content")])
+    with pytest.raises(sa.exc.IntegrityError), postgresql.begin() as connection:
+        connection.execute(
+            sa.text(
+                "INSERT INTO tho.value_set_member (value_set_id, system, code, "
+                "inactive, abstract, value_set_url) "
+                "VALUES (-1, 'http://x', 'y', false, false, 'http://z')"
+            )
+        )
+
+
+def test_a_first_load_does_not_wait_for_a_reader(
+    postgresql: Engine, databases: Databases, tmp_path: Path
+) -> None:
+    with postgresql.begin() as connection:
+        migrate.upgrade(connection)
+    content = _content(tmp_path / "content")
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            load(postgresql, [content])
+        except BaseException as exc:  # reported below, in the test's thread
+            failures.append(exc)
+
+    # A reader's open transaction holds a lock on value_set while the load runs.
+    with postgresql.connect() as reader, reader.begin():
+        reader.execute(sa.text("SELECT count(*) FROM tho.value_set")).scalar()
+        loader = threading.Thread(target=run)
+        loader.start()
+        loader.join(timeout=120)
+        finished = not loader.is_alive()
+    loader.join()
+
+    assert finished, "the load waited for the reader's transaction"
+    assert failures == []
+    assert _foreign_keys(postgresql) == _migrated_foreign_keys(databases)
