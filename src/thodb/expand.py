@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from thodb import collector, concepts, sql, versions
 from thodb.canonical import canonical
 from thodb.concepts import CodeSystemInfo, ConceptDetails, Property
+from thodb.db import is_sqlite
 from thodb.errors import NotExpandableError, NotFoundError
 from thodb.kept import Kept
 from thodb.languages import (
@@ -627,19 +628,24 @@ def _read_members(session: Session, value_set_id: int, live: bool) -> list[_Row]
             sql.render(session, sql.EXPAND_LIVE), {"value_set_id": value_set_id}
         )
     else:
-        rows = session.execute(
-            sa.select(
-                ValueSetMember.system,
-                ValueSetMember.code,
-                ValueSetMember.display,
-                ValueSetMember.version,
-                ValueSetMember.inactive,
-                ValueSetMember.abstract,
-                ValueSetMember.concept_id,
+        statement = sa.select(
+            ValueSetMember.system,
+            ValueSetMember.code,
+            ValueSetMember.display,
+            ValueSetMember.version,
+            ValueSetMember.inactive,
+            ValueSetMember.abstract,
+            ValueSetMember.concept_id,
+        ).where(ValueSetMember.value_set_id == value_set_id)
+        if not is_sqlite(session):
+            # Only for speed (_decorate orders the members): by concept id is the
+            # order of each code system's members, and PostgreSQL sorts 100,000 ids
+            # in a third of the time it sorts as many codes. SQLite reads the rows in
+            # primary-key order without sorting.
+            statement = statement.order_by(
+                ValueSetMember.concept_id, ValueSetMember.code
             )
-            .where(ValueSetMember.value_set_id == value_set_id)
-            .order_by(ValueSetMember.system, ValueSetMember.code)
-        )
+        rows = session.execute(statement)
     # By name: the live statement has more columns, in another order.
     keys = list(rows.keys())
     pick = operator.itemgetter(*(keys.index(name) for name in _Row._fields))
