@@ -10,6 +10,7 @@ for any number of codes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import operator
 import re
@@ -25,7 +26,7 @@ from sqlalchemy.orm import Session
 from thodb import collector, concepts, sql, versions
 from thodb.canonical import canonical
 from thodb.concepts import CodeSystemInfo, ConceptDetails, Property
-from thodb.db import is_sqlite
+from thodb.db import is_sqlite, schema_prefix
 from thodb.errors import NotExpandableError, NotFoundError
 from thodb.kept import Kept
 from thodb.languages import (
@@ -623,33 +624,45 @@ class _Row(NamedTuple):
 
 
 def _read_members(session: Session, value_set_id: int, live: bool) -> list[_Row]:
-    if live:
-        rows = session.execute(
-            sql.render(session, sql.EXPAND_LIVE), {"value_set_id": value_set_id}
-        )
-    else:
-        statement = sa.select(
-            ValueSetMember.system,
-            ValueSetMember.code,
-            ValueSetMember.display,
-            ValueSetMember.version,
-            ValueSetMember.inactive,
-            ValueSetMember.abstract,
-            ValueSetMember.concept_id,
-        ).where(ValueSetMember.value_set_id == value_set_id)
-        if not is_sqlite(session):
-            # Only for speed (_decorate orders the members): by concept id is the
-            # order of each code system's members, and PostgreSQL sorts 100,000 ids
-            # in a third of the time it sorts as many codes. SQLite reads the rows in
-            # primary-key order without sorting.
-            statement = statement.order_by(
-                ValueSetMember.concept_id, ValueSetMember.code
-            )
-        rows = session.execute(statement)
+    if not live:
+        connection = session.connection()
+        cursor = connection.connection.cursor()
+        try:
+            cursor.execute(_stored_members_sql(connection), (value_set_id,))
+            return list(map(_Row._make, cursor.fetchall()))
+        finally:
+            cursor.close()
+    rows = session.execute(
+        sql.render(session, sql.EXPAND_LIVE), {"value_set_id": value_set_id}
+    )
     # By name: the live statement has more columns, in another order.
     keys = list(rows.keys())
     pick = operator.itemgetter(*(keys.index(name) for name in _Row._fields))
     return list(map(_Row._make, map(pick, rows)))
+
+
+# The stored members of a value set, in the columns of _Row, read through the DB-API
+# cursor: for 100,000 members SQLAlchemy's rows cost 0.15-0.2 s more than the driver's
+# tuples. The ORDER BY is only for speed (_decorate orders the members): by concept id
+# is the order of each code system's members, and PostgreSQL sorts 100,000 ids in a
+# third of the time it sorts as many codes; SQLite reads the rows in primary-key order
+# without sorting.
+_STORED_MEMBERS = (
+    "SELECT system, code, display, version, inactive, abstract, concept_id "
+    "FROM {p}value_set_member WHERE value_set_id = ?"
+)
+
+
+def _stored_members_sql(connection: sa.Connection) -> str:
+    return _stored_members_sql_for(schema_prefix(connection), is_sqlite(connection))
+
+
+@functools.cache
+def _stored_members_sql_for(prefix: str, sqlite: bool) -> str:
+    text = _STORED_MEMBERS.format(p=prefix)
+    if sqlite:
+        return text
+    return text.replace("?", "%s") + " ORDER BY concept_id, code"  # psycopg
 
 
 @dataclass(frozen=True)
