@@ -42,8 +42,14 @@ def run(ctx: Context, engine: str) -> None:
     """Measure the content load on ``engine`` and its COPY floor."""
     runs = ctx.pick(1, 2)
     loads: list[ChildLoad] = []
+    floor_samples: list[float] = []
     url = ""
+    rows: Rows = []
+    # Load, floor, load, floor...: each floor sample next to a load, in the same state
+    # of the machine. The floor copies the rows the first load wrote.
     while len(loads) < runs:
+        if url:
+            ctx.databases.drop(url)
         url = ctx.databases.create(engine, "load")
         loaded = load_in_child(url, ctx.content_paths)
         if loaded.error and ctx.content_paths != content.seeds_only(ctx):
@@ -51,25 +57,22 @@ def run(ctx: Context, engine: str) -> None:
             ctx.results.error(NAME, engine, f"loading THO failed: {loaded.error}")
             ctx.content_paths = content.seeds_only(ctx)
             ctx.databases.drop(url)
-            loads = []
+            url = ""
+            loads, floor_samples = [], []
             continue
         if loaded.error:
             ctx.databases.drop(url)
             raise RuntimeError(loaded.error)
         loads.append(loaded)
-        if len(loads) < runs:
-            ctx.databases.drop(url)
+        if not rows:
+            rows = dump_rows(ctx, url)
+        floor_url = ctx.databases.create(engine, "copy")
+        floor_samples.append(copy_rows(ctx, floor_url, rows))
+        ctx.databases.drop(floor_url)
     old = ctx.content.pop(engine, None)
     if old is not None:
         ctx.databases.drop(old)
     ctx.content[engine] = url
-
-    rows = dump_rows(ctx, url)
-    floor_samples = []
-    for _ in range(runs):
-        floor_url = ctx.databases.create(engine, "copy")
-        floor_samples.append(copy_rows(ctx, floor_url, rows))
-        ctx.databases.drop(floor_url)
 
     summary = loads[-1].summary
     refresh = summary.get("refresh") or {}

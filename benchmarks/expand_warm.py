@@ -5,7 +5,8 @@ connection). Expand is measured three ways: a repeated call (answered by the
 expansion cache), the same with the cache off, and live. Each sample is one call,
 after warm-up calls. The floors run on the same connection through the DB-API cursor,
 with the value set's id already known: the rows of the membership table, and the
-primary-key lookup of one membership row.
+primary-key lookup of one membership row; each floor sample is taken right before a
+sample of what it is the floor of.
 """
 
 from __future__ import annotations
@@ -15,7 +16,13 @@ import functools
 from sqlalchemy.orm import Session
 
 from benchmarks import content
-from benchmarks.harness import Context, Figure, Target, driver_sql, measure
+from benchmarks.harness import (
+    Context,
+    Figure,
+    Target,
+    driver_sql,
+    measure_side_by_side,
+)
 from thodb.expand import Member, expand, find_value_set
 from thodb.query import validate_code
 from thodb.seed import IMAGE_REFERENCE_TYPE
@@ -57,7 +64,6 @@ def run(ctx: Context, engine: str) -> None:
             cursor.execute(driver_sql(db, _MEMBER_ROWS), (vs_id,))
             cursor.fetchall()
 
-        floor = measure(floor_rows, warmup=warmup, runs=calls)
         # The expansion cache answers a repeated call; "cache off" is the work of one
         # expansion read from value_set_member, "live" computes it from the compose.
         modes = (
@@ -66,7 +72,8 @@ def run(ctx: Context, engine: str) -> None:
             ("live recursive SQL", True, False),
         )
         for label, live, cache in modes:
-            timing = measure(
+            floor, timing = measure_side_by_side(
+                floor_rows,
                 functools.partial(
                     expand, session, IMAGE_REFERENCE_TYPE, live=live, cache=cache
                 ),
@@ -107,8 +114,8 @@ def run(ctx: Context, engine: str) -> None:
                 )
                 cursor.fetchall()
 
-            floor = measure(floor_lookup, warmup=warmup, runs=calls)
-            timing = measure(
+            floor, timing = measure_side_by_side(
+                floor_lookup,
                 functools.partial(
                     validate_code,
                     session,

@@ -98,6 +98,41 @@ def measure(
     return Timing(samples)
 
 
+def measure_side_by_side(
+    floor: Callable[[], object],
+    fn: Callable[[], object],
+    *,
+    warmup: int,
+    runs: int,
+    budget_s: float | None = None,
+) -> tuple[Timing, Timing]:
+    """Measure ``floor`` and ``fn`` in alternation, one sample of each in turn, so that
+    both see the machine in the same state (its speed drifts over seconds: measured one
+    after the other, the ratio carried that drift).
+
+    :param budget_s: as for :func:`measure`, counted on the samples of ``fn``.
+    :return: the timings of ``floor`` and of ``fn``.
+    """
+    start = time.perf_counter()
+    for done in range(warmup):
+        if budget_s is not None and done and time.perf_counter() - start > budget_s / 4:
+            break
+        floor()
+        fn()
+    floor_samples: list[float] = []
+    samples: list[float] = []
+    for _ in range(runs):
+        if budget_s is not None and len(samples) >= 3 and sum(samples) > budget_s:
+            break
+        begin = time.perf_counter()
+        floor()
+        middle = time.perf_counter()
+        fn()
+        floor_samples.append(middle - begin)
+        samples.append(time.perf_counter() - middle)
+    return Timing(floor_samples), Timing(samples)
+
+
 # --- results -----------------------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from benchmarks import content, synth
-from benchmarks.harness import Context, Figure, Target, kind_of, measure
+from benchmarks.harness import Context, Figure, Target, kind_of, measure_side_by_side
 
 NAME = "imaging-join"
 
@@ -83,8 +83,12 @@ def run(ctx: Context, engine: str) -> None:
                 sa.text(statement.format(p=p)), {"url": content.CID_7151}
             ).all()
 
-        floor = measure(lambda: query("floor", _FLOOR_QUERY), warmup=1, runs=runs)
-        timing = measure(lambda: query("view", _VIEW_QUERY), warmup=1, runs=runs)
+        floor, timing = measure_side_by_side(
+            lambda: query("floor", _FLOOR_QUERY),
+            lambda: query("view", _VIEW_QUERY),
+            warmup=1,
+            runs=runs,
+        )
         plan = _plan(connection, _VIEW_QUERY.format(p=p), db)
     ctx.results.add(
         Figure(
