@@ -10,7 +10,6 @@ for any number of codes.
 
 from __future__ import annotations
 
-import functools
 import logging
 import operator
 import re
@@ -26,7 +25,7 @@ from sqlalchemy.orm import Session
 from thodb import collector, concepts, sql, versions
 from thodb.canonical import canonical
 from thodb.concepts import CodeSystemInfo, ConceptDetails, Property
-from thodb.db import is_sqlite, schema_prefix
+from thodb.db import is_sqlite
 from thodb.errors import NotExpandableError, NotFoundError
 from thodb.kept import Kept
 from thodb.languages import (
@@ -628,7 +627,10 @@ def _read_members(session: Session, value_set_id: int, live: bool) -> list[_Row]
         connection = session.connection()
         cursor = connection.connection.cursor()
         try:
-            cursor.execute(_stored_members_sql(connection), (value_set_id,))
+            statement = (
+                _STORED_MEMBERS if is_sqlite(connection) else _STORED_MEMBERS_BY_ID
+            )
+            cursor.execute(sql.for_driver(connection, statement), (value_set_id,))
             return list(map(_Row._make, cursor.fetchall()))
         finally:
             cursor.close()
@@ -651,18 +653,7 @@ _STORED_MEMBERS = (
     "SELECT system, code, display, version, inactive, abstract, concept_id "
     "FROM {p}value_set_member WHERE value_set_id = ?"
 )
-
-
-def _stored_members_sql(connection: sa.Connection) -> str:
-    return _stored_members_sql_for(schema_prefix(connection), is_sqlite(connection))
-
-
-@functools.cache
-def _stored_members_sql_for(prefix: str, sqlite: bool) -> str:
-    text = _STORED_MEMBERS.format(p=prefix)
-    if sqlite:
-        return text
-    return text.replace("?", "%s") + " ORDER BY concept_id, code"  # psycopg
+_STORED_MEMBERS_BY_ID = _STORED_MEMBERS + " ORDER BY concept_id, code"
 
 
 @dataclass(frozen=True)

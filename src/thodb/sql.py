@@ -14,6 +14,8 @@ intersected. ``is-a`` includes the code itself, ``descendent-of`` does not.
 
 from __future__ import annotations
 
+import functools
+
 from sqlalchemy import Connection, TextClause, text
 from sqlalchemy.orm import Session
 
@@ -34,6 +36,22 @@ SUPPORTED_FILTERS = {
     "exists": None,
     "regex": None,  # the code, the display, or any property's value
 }
+
+
+def for_driver(bind: Session | Connection, template: str) -> str:
+    """``template`` with ``{p}`` filled and its ``?`` placeholders in the parameter style
+    of ``bind``'s DB-API driver (``%s`` for psycopg), for the few statements that run on
+    the DB-API cursor: where SQLAlchemy's own work per statement or per row is most of
+    the cost."""
+    return _for_driver(schema_prefix(bind), template)
+
+
+@functools.cache
+def _for_driver(prefix: str, template: str) -> str:
+    statement = template.format(p=prefix)
+    return (
+        statement if not prefix else statement.replace("?", "%s")
+    )  # SQLite: no prefix
 
 
 def render(
