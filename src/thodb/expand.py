@@ -474,7 +474,7 @@ def _expand(
         concept_ids,
         options,
         supplements,
-        definition.annotations,
+        definition,
     )
     members = [m for m in members if _wanted(m, options)]
     total = len(members)
@@ -539,6 +539,8 @@ class _Definition:
     annotations: Mapping[tuple[str, str], Annotation]
     #: The versions the includes name, by system.
     versions_of: Mapping[str, frozenset[str | None]]
+    #: The loaded versions of those systems (every member is of one of them).
+    loaded: Mapping[str, list[CodeSystemInfo]]
 
 
 def _definition(
@@ -578,6 +580,7 @@ def _definition(
         ),
         annotations=listed_annotations(session, reached),
         versions_of={s: frozenset(v) for s, v in versions_of.items()},
+        loaded=concepts.code_system_versions_of(session, versions_of),
     )
     # Kept only if no recomputation committed while it was read (see expand).
     if token is not None and refresh_token(session) == token:
@@ -732,15 +735,17 @@ def _decorate(
     concept_ids: concepts.Ids,
     options: ExpandOptions,
     supplements: list[CodeSystemInfo],
-    annotations: Mapping[tuple[str, str], Annotation],
+    definition: _Definition,
 ) -> list[Member]:
     """The members of membership ``rows``, with what the options ask for, ordered as
     their code systems order their concepts.
 
     The rows name their concepts by id (``concept_ids``: those ids, or a statement
     selecting them), so a few statements read the details of any number of codes; a
-    member is made once, when all of it is known.
+    member is made once, when all of it is known. The annotations of listed codes and
+    the loaded code system versions come from the value set's kept ``definition``.
     """
+    annotations = definition.annotations
     need_designations = bool(
         options.include_designations or options.language or options.filter
     )
@@ -763,10 +768,10 @@ def _decorate(
         keep_codes={code for _, code in annotations},
     )
     # The code system of each (system, version): the one its concepts came from.
-    loaded = concepts.code_system_versions_of(session, {row.system for row in rows})
     systems = {
         (system, version): next(
-            (cs for cs in loaded.get(system, []) if cs.version == version), None
+            (cs for cs in definition.loaded.get(system, []) if cs.version == version),
+            None,
         )
         for system, version in {(row.system, row.version) for row in rows}
     }
