@@ -530,9 +530,8 @@ def _versioned_systems(
 class _Definition:
     """What an expansion reads of a value set's compose and of those it imports."""
 
-    #: Ids of the value set and of every value set it imports.
-    reached: tuple[int, ...]
-    #: The code systems their includes resolve to.
+    #: The code systems the includes of the value set and of every value set it
+    #: imports resolve to.
     used: tuple[CodeSystemInfo, ...]
     #: ``url|version`` of the imported value sets.
     used_value_sets: tuple[str, ...]
@@ -567,7 +566,6 @@ def _definition(
     ):
         versions_of[str(system)].add(version)
     found = _Definition(
-        reached=tuple(reached),
         used=tuple(used_code_systems(session, reached)),
         used_value_sets=tuple(
             canonical(row.url, row.version)
