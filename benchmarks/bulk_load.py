@@ -25,12 +25,12 @@ from benchmarks.harness import (
     Figure,
     Target,
     Timing,
-    driver_sql,
     load_in_child,
 )
 from thodb.db import session_scope
 from thodb.load import ensure_schema
 from thodb.models import Base
+from thodb.sql import for_driver
 
 NAME = "bulk-load"
 
@@ -121,7 +121,7 @@ def dump_rows(ctx: Context, url: str) -> Rows:
                 for c in table.columns
             ]
             cursor.execute(
-                driver_sql(
+                for_driver(
                     engine, f"SELECT {', '.join(selected)} FROM {{p}}{table.name}"
                 )
             )
@@ -143,7 +143,7 @@ def copy_rows(ctx: Context, url: str, rows: Rows) -> float:
         # Tables the migrations fill (reference data) are not part of a load.
         wanted = []
         for table, columns, data in rows:
-            cursor.execute(driver_sql(engine, f"SELECT COUNT(*) FROM {{p}}{table}"))
+            cursor.execute(for_driver(engine, f"SELECT COUNT(*) FROM {{p}}{table}"))
             found = cursor.fetchone()
             if found is not None and found[0] == 0:
                 wanted.append((table, columns, data))

@@ -20,12 +20,12 @@ from benchmarks.harness import (
     Context,
     Figure,
     Target,
-    driver_sql,
     measure_side_by_side,
 )
 from thodb.expand import Member, expand, find_value_set
 from thodb.query import validate_code
 from thodb.seed import IMAGE_REFERENCE_TYPE
+from thodb.sql import for_driver
 
 NAME = "expand-validate"
 
@@ -61,7 +61,7 @@ def run(ctx: Context, engine: str) -> None:
         cursor = session.connection().connection.cursor()
 
         def floor_rows() -> None:
-            cursor.execute(driver_sql(db, _MEMBER_ROWS), (vs_id,))
+            cursor.execute(for_driver(db, _MEMBER_ROWS), (vs_id,))
             cursor.fetchall()
 
         # The expansion cache answers a repeated call; "cache off" is the work of one
@@ -110,7 +110,7 @@ def run(ctx: Context, engine: str) -> None:
 
             def floor_lookup(member: Member = member) -> None:
                 cursor.execute(
-                    driver_sql(db, _MEMBER_ROW), (vs_id, member.system, member.code)
+                    for_driver(db, _MEMBER_ROW), (vs_id, member.system, member.code)
                 )
                 cursor.fetchall()
 

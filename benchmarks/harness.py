@@ -425,13 +425,6 @@ def kind_of(engine: Engine) -> str:
     return "sqlite" if engine.dialect.name == "sqlite" else "postgresql"
 
 
-def driver_sql(engine: Engine, statement: str) -> str:
-    """A DB-API statement for ``engine``: ``{p}`` is the schema prefix, ``?`` a parameter."""
-    if kind_of(engine) == "sqlite":
-        return statement.format(p="")
-    return statement.format(p="tho.").replace("?", "%s")
-
-
 # --- loads in a child process --------------------------------------------------------
 
 

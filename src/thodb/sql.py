@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 
-from sqlalchemy import Connection, TextClause, text
+from sqlalchemy import Connection, Engine, TextClause, text
 from sqlalchemy.orm import Session
 
 from thodb.db import schema_prefix
@@ -38,7 +38,7 @@ SUPPORTED_FILTERS = {
 }
 
 
-def for_driver(bind: Session | Connection, template: str) -> str:
+def for_driver(bind: Engine | Session | Connection, template: str) -> str:
     """``template`` with ``{p}`` filled and its ``?`` placeholders in the parameter style
     of ``bind``'s DB-API driver (``%s`` for psycopg), for the few statements that run on
     the DB-API cursor: where SQLAlchemy's own work per statement or per row is most of
@@ -49,9 +49,9 @@ def for_driver(bind: Session | Connection, template: str) -> str:
 @functools.cache
 def _for_driver(prefix: str, template: str) -> str:
     statement = template.format(p=prefix)
-    return (
-        statement if not prefix else statement.replace("?", "%s")
-    )  # SQLite: no prefix
+    if not prefix:  # SQLite, whose driver takes ? itself
+        return statement
+    return statement.replace("?", "%s")
 
 
 def render(
