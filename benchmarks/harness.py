@@ -79,16 +79,10 @@ def measure(
         least three samples), and the warm-up once it has taken a quarter of it (with
         at least one call); the number of samples is in the results.
     """
-    start = time.perf_counter()
-    for done in range(warmup):
-        if budget_s is not None and done and time.perf_counter() - start > budget_s / 4:
-            break
-        fn()
+    _warm_up((fn,), warmup, budget_s)
     samples: list[float] = []
     started = time.perf_counter()
-    for _ in range(runs):
-        if budget_s is not None and len(samples) >= 3 and sum(samples) > budget_s:
-            break
+    while _more(samples, runs, budget_s):
         begin = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - begin)
@@ -113,17 +107,10 @@ def measure_side_by_side(
     :param budget_s: as for :func:`measure`, counted on the samples of ``fn``.
     :return: the timings of ``floor`` and of ``fn``.
     """
-    start = time.perf_counter()
-    for done in range(warmup):
-        if budget_s is not None and done and time.perf_counter() - start > budget_s / 4:
-            break
-        floor()
-        fn()
+    _warm_up((floor, fn), warmup, budget_s)
     floor_samples: list[float] = []
     samples: list[float] = []
-    for _ in range(runs):
-        if budget_s is not None and len(samples) >= 3 and sum(samples) > budget_s:
-            break
+    while _more(samples, runs, budget_s):
         begin = time.perf_counter()
         floor()
         middle = time.perf_counter()
@@ -131,6 +118,27 @@ def measure_side_by_side(
         floor_samples.append(middle - begin)
         samples.append(time.perf_counter() - middle)
     return Timing(floor_samples), Timing(samples)
+
+
+def _warm_up(
+    calls: tuple[Callable[[], object], ...], warmup: int, budget_s: float | None
+) -> None:
+    """Make each of ``calls`` ``warmup`` times in turn, or until a quarter of the budget
+    is spent (after at least one round)."""
+    start = time.perf_counter()
+    for done in range(warmup):
+        if budget_s is not None and done and time.perf_counter() - start > budget_s / 4:
+            break
+        for call in calls:
+            call()
+
+
+def _more(samples: list[float], runs: int, budget_s: float | None) -> bool:
+    """Whether to take another sample: fewer than ``runs``, and the budget not spent
+    (which needs at least three samples)."""
+    if len(samples) >= runs:
+        return False
+    return budget_s is None or len(samples) < 3 or sum(samples) <= budget_s
 
 
 # --- results -----------------------------------------------------------------------
