@@ -325,7 +325,12 @@ def refresh_token(session: Session) -> str | None:
 def membership_state(session: Session) -> tuple[str, str | None]:
     """(database, refresh token): what a cache of answers derived from the membership
     is keyed by. Where the token is ``None`` nothing may be cached."""
-    return str(session.get_bind().engine.url), refresh_token(session)
+    return database_of(session), refresh_token(session)
+
+
+def database_of(session: Session) -> str:
+    """The database ``session`` talks to, as the key of what the process keeps of it."""
+    return str(session.get_bind().engine.url)
 
 
 class _ExpansionCache:

@@ -30,6 +30,7 @@ from thodb.expand import (
     Annotation,
     ValueSetNotExpandable,
     closure,
+    database_of,
     default_language,
     find_value_set,
     listed_annotations,
@@ -307,7 +308,7 @@ class Reads:
 
     def __init__(self, session: Session, *, keep: bool = True) -> None:
         self.session = session
-        self._database = str(session.get_bind().engine.url)
+        self._database = database_of(session)
         self._token: str | None = None
         self._kept: _State | None = None
         self._keep = keep
