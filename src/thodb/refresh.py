@@ -549,7 +549,7 @@ def refresh(session: Session, *, rules: VersionRules | None = None) -> RefreshSu
         )
 
     p = schema_prefix(session)
-    first = everything and _first_membership(session)
+    first = everything and _lock_for_first_fill(session)
     if everything:
         session.execute(sa.text(f"DELETE FROM {p}compose_rule_code"))
         session.execute(sa.text(f"DELETE FROM {p}value_set_member"))
@@ -614,10 +614,10 @@ def refresh(session: Session, *, rules: VersionRules | None = None) -> RefreshSu
 _REFRESH_LOCK = 0x74686F6462
 
 
-def _first_membership(session: Session) -> bool:
-    """True on PostgreSQL when no value set has members yet (a first load) and nothing
-    else holds a lock on the tables whose foreign keys :func:`_checked_after` drops;
-    those tables are then locked until the load commits."""
+def _lock_for_first_fill(session: Session) -> bool:
+    """Lock the tables whose foreign keys :func:`_checked_after` drops, until the load
+    commits, when this is PostgreSQL, no value set has members yet (a first load) and
+    nothing else holds a lock on them; return whether they were locked."""
     p = schema_prefix(session)
     if not p or session.scalar(sa.select(sa.exists().select_from(ValueSetMember))):
         return False
@@ -660,7 +660,7 @@ def _checked_after(session: Session, first: bool) -> Iterator[None]:
     check them all at once (its manual's advice for populating a database). Dropping
     a constraint needs the tables to itself until the load commits, so this is done
     only when there is no membership yet for anyone to read and no other transaction
-    holds a lock on them (see :func:`_first_membership`).
+    holds a lock on them (see :func:`_lock_for_first_fill`).
     """
     if not first:
         yield
