@@ -226,6 +226,8 @@ def _parse_document(data: bytes, source: str) -> Element:
 # knows these four itself; Python adds single-byte encodings, EBCDIC among them).
 _ASCII_ENCODINGS: Final = frozenset({b"utf-8", b"utf8", b"us-ascii", b"iso-8859-1"})
 _ENCODING: Final = re.compile(rb"""\sencoding\s*=\s*["']([^"']*)["']""")
+# Optional white space, then "<": as an ASCII-compatible document starts.
+_STARTS_WITH_MARKUP: Final = re.compile(rb"[ \t\r\n]*<")
 
 
 def _without_dtd(data: bytes) -> bool:
@@ -236,14 +238,15 @@ def _without_dtd(data: bytes) -> bool:
     without those bytes has no DTD; one with them (maybe only in a comment), or in
     another encoding (UTF-16, an EBCDIC code page), is left to defusedxml.
     """
-    head = data[len(codecs.BOM_UTF8) :] if data.startswith(codecs.BOM_UTF8) else data
-    if not head.lstrip(b" \t\r\n").startswith(b"<") or b"\x00" in head[:4]:
+    # Offsets rather than slices: a slice would copy the whole document.
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    if not _STARTS_WITH_MARKUP.match(data, start) or b"\x00" in data[start : start + 4]:
         return False  # UTF-16 or UTF-32 (with or without a byte order mark), EBCDIC
-    if head.startswith(b"<?xml"):
-        end = head.find(b"?>")
+    if data.startswith(b"<?xml", start):
+        end = data.find(b"?>", start)
         if end < 0:
             return False
-        declared = _ENCODING.search(head, 0, end)
+        declared = _ENCODING.search(data, start, end)
         if declared and declared.group(1).lower() not in _ASCII_ENCODINGS:
             return False
     return b"<!DOCTYPE" not in data
