@@ -1,6 +1,7 @@
 """A first load into PostgreSQL adds the foreign keys of the tables the refresh fills
 after filling them: it must end with the constraints the migrations make, and must not
-wait for a transaction that holds those tables."""
+wait for a transaction that holds those tables. It also leaves the planner statistics
+of those tables, which have none before, and of the tables it wrote."""
 
 from __future__ import annotations
 
@@ -42,7 +43,14 @@ def _content(folder: Path) -> Path:
         "url": CS,
         "status": "active",
         "content": "complete",
-        "concept": [{"code": code, "display": code.upper()} for code in CODES],
+        "concept": [
+            {
+                "code": code,
+                "display": code.upper(),
+                "designation": [{"language": "de", "value": f"{code.upper()} (de)"}],
+            }
+            for code in CODES
+        ],
     }
     value_set = {
         "resourceType": "ValueSet",
@@ -117,3 +125,28 @@ def test_a_first_load_does_not_wait_for_a_reader(
     assert finished, "the load waited for the reader's transaction"
     assert failures == []
     assert _foreign_keys(postgresql) == _migrated_foreign_keys(databases)
+
+
+_STATISTICS = sa.text(
+    "SELECT tablename, attname FROM pg_stats WHERE schemaname = 'tho' "
+    "AND (tablename, attname) IN (('compose_rule_code', 'rule_id'), "
+    "('concept_designation', 'concept_id'), ('value_set_member', 'value_set_id')) "
+    "ORDER BY 1"
+)
+
+
+def test_a_first_load_leaves_statistics_of_the_derived_tables(
+    postgresql: Engine, tmp_path: Path
+) -> None:
+    with postgresql.begin() as connection:
+        migrate.upgrade(connection)
+        assert connection.execute(_STATISTICS).all() == []
+
+    load(postgresql, [_content(tmp_path / "content")])
+
+    with postgresql.connect() as connection:
+        assert [tuple(row) for row in connection.execute(_STATISTICS)] == [
+            ("compose_rule_code", "rule_id"),
+            ("concept_designation", "concept_id"),
+            ("value_set_member", "value_set_id"),
+        ]

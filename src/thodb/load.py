@@ -164,11 +164,13 @@ def load_resources(
     return summary
 
 
-#: Tables a load writes and the refresh reads; PostgreSQL's planner needs their
-#: statistics to be current to plan the recursive statements well.
+#: Tables a load writes; PostgreSQL's planner needs their statistics to be current
+#: to plan the refresh's recursive statements and the queries that read them.
 _WRITTEN_TABLES = (
     "code_system",
+    "code_system_property",
     "concept",
+    "concept_designation",
     "concept_parent",
     "concept_property",
     "value_set",
