@@ -255,11 +255,15 @@ _IN_OTHER_IMPORTS = """NOT EXISTS (
                             WHERE m2.value_set_id = j.value_set_id
                               AND m2.system = m.system AND m2.code = m.code))"""
 
-# "No exclude of value set r.value_set_id takes code m out": an exclude matches when m
+# "No exclude of value set t.value_set_id takes code m out": an exclude matches when m
 # is in its system part and in every value set it names (those are earlier passes).
-_NOT_EXCLUDED = """NOT EXISTS (
+# Most value sets have no exclude: for them `excluding` answers without a probe of the
+# rules per code. The conditions name t, not r (the same value set), so that
+# PostgreSQL tests them after the join with the targets, not on every rule code.
+_NOT_EXCLUDED = """(t.value_set_id NOT IN (SELECT value_set_id FROM excluding)
+       OR NOT EXISTS (
           SELECT 1 FROM {p}compose_rule e
-          WHERE e.value_set_id = r.value_set_id AND e.kind = 'exclude'
+          WHERE e.value_set_id = t.value_set_id AND e.kind = 'exclude'
             AND (e.system IS NULL OR EXISTS (
                 SELECT 1 FROM {p}compose_rule_code k
                 WHERE k.rule_id = e.id AND k.system = m.system AND k.code = m.code))
@@ -268,13 +272,13 @@ _NOT_EXCLUDED = """NOT EXISTS (
                 WHERE j.rule_id = e.id
                   AND NOT EXISTS (SELECT 1 FROM {p}value_set_member m2
                                   WHERE m2.value_set_id = j.value_set_id
-                                    AND m2.system = m.system AND m2.code = m.code)))"""
+                                    AND m2.system = m.system AND m2.code = m.code))))"""
 
-# "Value set r.value_set_id may hold code m": an inactive code only when its compose
+# "Value set t.value_set_id may hold code m": an inactive code only when its compose
 # does not say ``inactive: false``.
 _ACTIVE_UNLESS_ALLOWED = """(NOT m.inactive OR NOT EXISTS (
           SELECT 1 FROM {p}value_set v
-          WHERE v.id = r.value_set_id AND v.compose_inactive = FALSE))"""
+          WHERE v.id = t.value_set_id AND v.compose_inactive = FALSE))"""
 
 # The smallest display that the operands of an intersection (rule r, member m of its
 # first value set) give for m: those of the value sets and of the system part. A
@@ -291,13 +295,14 @@ _SMALLEST_DISPLAY = """(SELECT MIN(d.display) FROM (
 
 # The same for a member m of the recursive walk: the smaller of its display and the
 # one rule r's system part gives (PostgreSQL allows no aggregate over the recursive
-# table inside the walk, so two values are compared).
-_SMALLER_RULE_DISPLAY = """COALESCE((
+# table inside the walk, so two values are compared); a rule without system part
+# gives none.
+_SMALLER_RULE_DISPLAY = """CASE WHEN r.system IS NULL THEN m.display ELSE COALESCE((
                SELECT CASE WHEN m.display IS NULL OR k.display < m.display
                            THEN k.display ELSE m.display END
                FROM {p}compose_rule_code k
                WHERE k.rule_id = r.id AND k.system = m.system AND k.code = m.code
-                 AND k.display IS NOT NULL), m.display)"""
+                 AND k.display IS NOT NULL), m.display) END"""
 
 # The members of every value set in `target`, in one recursive statement. Rows flow
 # up the import graph: a value set's codes are added to each value set that includes
@@ -309,6 +314,12 @@ _SMALLER_RULE_DISPLAY = """COALESCE((
 # extra and bounds the recursion by the number of distinct rows.
 _MEMBERS = (
     """
+-- The targets with an exclude.
+excluding(value_set_id) AS (
+    SELECT DISTINCT e.value_set_id FROM {p}compose_rule e
+    JOIN target t ON t.value_set_id = e.value_set_id
+    WHERE e.kind = 'exclude'
+),
 member(value_set_id, system, code, display, version, inactive, abstract,
        concept_id) AS (
     -- An include without valueSet: the codes of its system part.
