@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from reference import ReferenceExpansionError, Terminology
+from reference import Key, Member, ReferenceExpansionError, Terminology
 from thodb.db import schema_prefix, session_scope
 from thodb.errors import NotExpandableError
 from thodb.expand import expand
@@ -88,9 +88,10 @@ def test_snomed_codes_expand_with_the_value_sets_displays(
     assert members[(SCT, "85856004")][0] == "Acromioclavicular joint"
 
 
-def test_every_cid_with_a_definition_expands_to_the_plain_python_closure(
-    seeded_engine: Engine,
-) -> None:
+def _cids() -> tuple[
+    dict[str, dict[Key, Member] | ReferenceExpansionError], dict[str, dict[Key, Member]]
+]:
+    """Every CID of the seeds, with the reference's result, and those that expand."""
     results = {
         url: result
         for (url, _version), result in reference().expandable().items()
@@ -101,6 +102,13 @@ def test_every_cid_with_a_definition_expands_to_the_plain_python_closure(
         for url, r in results.items()
         if not isinstance(r, ReferenceExpansionError)
     }
+    return results, expandable
+
+
+def test_every_cid_with_a_definition_expands_to_the_plain_python_closure(
+    seeded_engine: Engine,
+) -> None:
+    results, expandable = _cids()
     assert (len(results), len(expandable)) == (1466, 1433)
 
     p = schema_prefix(seeded_engine)
@@ -122,6 +130,18 @@ def test_every_cid_with_a_definition_expands_to_the_plain_python_closure(
         expected = {k: (m.display, m.inactive) for k, m in members.items()}
         assert view.get(url, {}) == expected, url
     assert set(view) - set(expandable) == {IMAGE_REFERENCE_TYPE}
+
+
+def test_every_cid_with_a_definition_expands_live_to_the_plain_python_closure(
+    seeded_engine: Engine,
+) -> None:
+    # The live statement takes a shorter way when no value set reached excludes or
+    # intersects (most CIDs); both ways are checked here against the reference.
+    _, expandable = _cids()
+    assert len(expandable) == 1433
+    for url, members in expandable.items():
+        expected = {k: (m.display, m.inactive) for k, m in members.items()}
+        assert _members(seeded_engine, url, live=True) == expected, url
 
 
 def test_cids_without_a_definition_are_reported_and_absent_from_the_view(

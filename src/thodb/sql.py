@@ -424,7 +424,10 @@ JOIN {p}value_set vs ON vs.id = c.value_set_id
 #: Expand value set ``:value_set_id`` from its compose, without value_set_member rows of
 #: its own: the value sets it reaches through union edges are walked by the same
 #: statement; the operands of intersections and value-set excludes are read from
-#: value_set_member.
+#: value_set_member. When every value set reached is a union of system parts and of
+#: other value sets (no exclude, no intersection, no ``inactive: false``), as the
+#: DICOM context groups are, its members are the codes of those system parts, read
+#: once each instead of carried up every import path.
 EXPAND_LIVE = (
     """
 WITH RECURSIVE
@@ -436,12 +439,42 @@ target(value_set_id) AS (
     JOIN {p}compose_rule r ON r.value_set_id = t.value_set_id
     JOIN {p}compose_import i ON i.rule_id = r.id
     WHERE r.kind = 'include' AND r.import_count = 1 AND i.value_set_id IS NOT NULL
+),
+-- Whether a value set reached does more than unite: then the walk is needed.
+walked(needed) AS (
+    SELECT EXISTS (
+        SELECT 1 FROM target t
+        JOIN {p}compose_rule r ON r.value_set_id = t.value_set_id
+        WHERE r.kind = 'exclude' OR r.import_count > 1
+           OR (r.import_count = 1 AND r.system IS NOT NULL))
+        OR EXISTS (
+        SELECT 1 FROM target t
+        JOIN {p}value_set v ON v.id = t.value_set_id
+        WHERE v.compose_inactive = FALSE)
 ),"""
     + _MEMBERS
     + _COLLAPSE
     + """
-WHERE value_set_id = :value_set_id
+-- Each branch is skipped when the other one answers: PostgreSQL tests the scalar
+-- subquery once before the branch, SQLite the joined row of walked.
+JOIN walked ON walked.needed
+WHERE value_set_id = :value_set_id AND (SELECT needed FROM walked)
 GROUP BY value_set_id, system, code
+UNION ALL
+-- CROSS JOIN keeps SQLite to this order (the few targets first, then their rules);
+-- PostgreSQL plans it as any inner join.
+SELECT CAST(:value_set_id AS INTEGER), m.system, m.code, MIN(m.version), MIN(m.display),
+       MAX(CASE WHEN m.inactive THEN 1 ELSE 0 END) = 1,
+       MAX(CASE WHEN m.abstract THEN 1 ELSE 0 END) = 1,
+       MIN(m.concept_id)
+FROM walked
+CROSS JOIN target t
+CROSS JOIN {p}compose_rule r
+CROSS JOIN {p}compose_rule_code m
+WHERE NOT walked.needed AND NOT (SELECT needed FROM walked)
+  AND r.value_set_id = t.value_set_id AND m.rule_id = r.id
+  AND r.kind = 'include' AND r.import_count = 0
+GROUP BY m.system, m.code
 ORDER BY system, code
 """
 )
