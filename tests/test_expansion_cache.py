@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -182,3 +183,53 @@ def test_the_cache_budget_bounds_what_is_kept(seeded_engine: Engine) -> None:
             set_cache_budget(-1)
     finally:
         set_cache_budget(DEFAULT_BUDGET)
+
+
+def _walk(concepts: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for concept in concepts:
+        yield concept
+        yield from _walk(concept.get("concept", []))
+
+
+def test_the_properties_an_expansion_shows_follow_the_loads(
+    fresh_engine: Engine, tmp_path: Any
+) -> None:
+    # What an expansion keeps of the code systems it uses includes which properties
+    # their concepts have at all; a code system loaded again with statuses must show
+    # them, though it had none when that was kept.
+    code_system = _json("simple/codesystem-simple.json")
+    plain = copy.deepcopy(code_system)
+    for concept in _walk(plain["concept"]):
+        concept.pop("property", None)
+    path = tmp_path / "cs.json"
+    path.write_text(json.dumps(plain))
+    load_mod.load(fresh_engine, [path, TX / "simple/valueset-enumerated.json"])
+
+    def statuses() -> dict[str, str]:
+        with session_scope(fresh_engine) as session:
+            contains = expand(session, VALUE_SET, cache=False).contains
+        return {
+            m.code: str(p.value)
+            for m in contains
+            for p in m.properties
+            if p.code == "status"
+        }
+
+    assert statuses() == {}
+
+    path.write_text(json.dumps(code_system))
+    load_mod.load(fresh_engine, [path], replace=True)
+    listed = {
+        c["code"]
+        for c in _json("simple/valueset-enumerated.json")["compose"]["include"][0][
+            "concept"
+        ]
+    }
+    expected = {
+        concept["code"]: prop["valueCode"]
+        for concept in _walk(code_system["concept"])
+        for prop in concept.get("property", [])
+        if prop["code"] == "status" and concept["code"] in listed
+    }
+    assert expected  # the file gives some listed code a status
+    assert statuses() == expected

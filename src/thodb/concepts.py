@@ -355,6 +355,29 @@ def by_id(
     return found
 
 
+def detail_codes(session: Session, code_system_ids: Collection[int]) -> frozenset[str]:
+    """The codes of the properties that some concept of these code systems has, and
+    ``status`` when one has a status: without designations, what :func:`by_id` with
+    ``skip_plain`` can find there (nothing, when none of them is asked for)."""
+    ids = sorted(code_system_ids)
+    if not ids:
+        return frozenset()
+    codes = set(
+        session.scalars(
+            sa.select(ConceptProperty.code)
+            .join(Concept, Concept.id == ConceptProperty.concept_id)
+            .where(Concept.code_system_id.in_(ids))
+            .distinct()
+        )
+    )
+    with_status = sa.exists().where(
+        Concept.code_system_id.in_(ids), Concept.status.is_not(None)
+    )
+    if session.scalar(sa.select(with_status)):
+        codes.add("status")
+    return frozenset(codes)
+
+
 def id_in(
     session: Session,
     column: InstrumentedAttribute[int],

@@ -545,6 +545,8 @@ class _Definition:
     versions_of: Mapping[str, frozenset[str | None]]
     #: The loaded versions of those systems (every member is of one of them).
     loaded: Mapping[str, list[CodeSystemInfo]]
+    #: :func:`thodb.concepts.detail_codes` of the used code systems.
+    detail_codes: frozenset[str]
 
 
 def _definition(
@@ -559,6 +561,7 @@ def _definition(
     if found is not None:
         return found
     reached = closure(session, value_set_id)
+    used = tuple(used_code_systems(session, reached))
     versions_of: dict[str, set[str | None]] = defaultdict(set)
     for system, version in session.execute(
         sa.select(ComposeRule.system, ComposeRule.version)
@@ -571,7 +574,7 @@ def _definition(
     ):
         versions_of[str(system)].add(version)
     found = _Definition(
-        used=tuple(used_code_systems(session, reached)),
+        used=used,
         used_value_sets=tuple(
             canonical(row.url, row.version)
             for row in session.execute(
@@ -584,6 +587,7 @@ def _definition(
         annotations=listed_annotations(session, reached),
         versions_of={s: frozenset(v) for s, v in versions_of.items()},
         loaded=concepts.code_system_versions_of(session, versions_of),
+        detail_codes=concepts.detail_codes(session, [cs.id for cs in used]),
     )
     # Kept only if no recomputation committed while it was read (see expand).
     if token is not None and refresh_token(session) == token:
@@ -745,8 +749,10 @@ def _decorate(
 
     The rows name their concepts by id (``concept_ids``: those ids, or a statement
     selecting them), so a few statements read the details of any number of codes; a
-    member is made once, when all of it is known. The annotations of listed codes and
-    the loaded code system versions come from the value set's kept ``definition``.
+    member is made once, when all of it is known. The annotations of listed codes, the
+    loaded code system versions and which details their concepts have at all come from
+    the value set's kept ``definition``: when none of those details is shown, no
+    concept is read.
     """
     annotations = definition.annotations
     need_designations = bool(
@@ -762,14 +768,22 @@ def _decorate(
         or "definition" in options.properties
         or supplements
     )
-    found = concepts.by_id(
-        session,
-        concept_ids,
-        designations=need_designations,
-        properties=wanted_properties,
-        skip_plain=skip_plain,
-        keep_codes={code for _, code in annotations},
-    )
+    if (
+        skip_plain
+        and not annotations
+        and not wanted_properties & definition.detail_codes
+    ):
+        # No concept of the code systems used has anything to add.
+        found: dict[int, ConceptDetails] = {}
+    else:
+        found = concepts.by_id(
+            session,
+            concept_ids,
+            designations=need_designations,
+            properties=wanted_properties,
+            skip_plain=skip_plain,
+            keep_codes={code for _, code in annotations},
+        )
     # The code system of each (system, version): the one its concepts came from.
     systems = {
         (system, version): next(
