@@ -650,7 +650,7 @@ def _read_members(session: Session, value_set_id: int, live: bool) -> list[_Row]
     # By name: the live statement has more columns, in another order.
     keys = list(rows.keys())
     pick = operator.itemgetter(*(keys.index(name) for name in _Row._fields))
-    return list(map(_Row._make, map(pick, rows)))
+    return list(map(_Row._make, map(pick, rows.all())))
 
 
 # The stored members of a value set, in the columns of _Row, read through the DB-API
