@@ -58,6 +58,20 @@ def test_live_expansion_equals_the_stored_membership(seeded_engine: Engine) -> N
     assert _members(seeded_engine, IMAGE_REFERENCE_TYPE, live=True) == stored
 
 
+@pytest.mark.parametrize("engine_kind", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("setting", ["on", "off"])
+def test_a_live_expansion_leaves_the_jit_setting_as_it_was(
+    seeded_engine: Engine, setting: str
+) -> None:
+    # JIT is off while the live statement runs (its compilation costs more than the
+    # statement), and as the caller had it afterwards.
+    with session_scope(seeded_engine) as session:
+        session.execute(sa.text(f"SET LOCAL jit = {setting}"))
+        live = expand(session, IMAGE_REFERENCE_TYPE, live=True)
+        assert session.scalar(sa.text("SHOW jit")) == setting
+    assert len(live.contains) == len(_expected(IMAGE_REFERENCE_TYPE))
+
+
 @pytest.mark.parametrize(
     ("system", "code", "member", "inactive"),
     [

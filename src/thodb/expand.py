@@ -644,13 +644,14 @@ def _read_members(session: Session, value_set_id: int, live: bool) -> list[_Row]
             return list(map(_Row._make, cursor.fetchall()))
         finally:
             cursor.close()
-    rows = session.execute(
-        sql.render(session, sql.EXPAND_LIVE), {"value_set_id": value_set_id}
-    )
-    # By name: the live statement has more columns, in another order.
-    keys = list(rows.keys())
-    pick = operator.itemgetter(*(keys.index(name) for name in _Row._fields))
-    return list(map(_Row._make, map(pick, rows.all())))
+    with sql.without_jit(session):
+        rows = session.execute(
+            sql.render(session, sql.EXPAND_LIVE), {"value_set_id": value_set_id}
+        )
+        # By name: the live statement has more columns, in another order.
+        keys = list(rows.keys())
+        pick = operator.itemgetter(*(keys.index(name) for name in _Row._fields))
+        return list(map(_Row._make, map(pick, rows.all())))
 
 
 # The stored members of a value set, in the columns of _Row, read through the DB-API

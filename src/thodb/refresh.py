@@ -719,7 +719,8 @@ def version_scope(session: Session, rules: VersionRules) -> Iterator[None]:
         return
     savepoint = session.begin_nested()
     try:
-        refresh(session, rules=rules)
+        with sql.without_jit(session):
+            refresh(session, rules=rules)
         yield
     finally:
         savepoint.rollback()
