@@ -465,23 +465,16 @@ def _expand(
         )
     ]
 
-    concept_ids: concepts.Ids = (
-        sa.select(ValueSetMember.concept_id).where(
-            ValueSetMember.value_set_id == value_set.id,
-            ValueSetMember.concept_id.is_not(None),
-        )
-        if stored
-        else {row.concept_id for row in rows if row.concept_id is not None}
-    )
     members = _decorate(
         session,
         rows,
-        concept_ids,
+        value_set.id if stored else None,
         options,
         supplements,
         definition,
     )
-    members = [m for m in members if _wanted(m, options)]
+    if options.active_only or options.exclude_not_for_ui or options.filter:
+        members = [m for m in members if _wanted(m, options)]
     total = len(members)
     paged = options.offset > 0 or options.count is not None
     if options.max_size is not None and total > options.max_size and not paged:
@@ -740,7 +733,7 @@ def listed_annotations(
 def _decorate(
     session: Session,
     rows: list[_Row],
-    concept_ids: concepts.Ids,
+    stored_id: int | None,
     options: ExpandOptions,
     supplements: list[CodeSystemInfo],
     definition: _Definition,
@@ -748,12 +741,13 @@ def _decorate(
     """The members of membership ``rows``, with what the options ask for, ordered as
     their code systems order their concepts.
 
-    The rows name their concepts by id (``concept_ids``: those ids, or a statement
-    selecting them), so a few statements read the details of any number of codes; a
-    member is made once, when all of it is known. The annotations of listed codes, the
-    loaded code system versions and which details their concepts have at all come from
-    the value set's kept ``definition``: when none of those details is shown, no
-    concept is read.
+    The rows name their concepts by id, so a few statements read the details of any
+    number of codes (``stored_id``: the value set whose ``value_set_member`` rows they
+    are, which selects the ids in the database; None for rows computed live); a member
+    is made once, when all of it is known. The annotations of listed codes, the loaded
+    code system versions and which details their concepts have at all come from the
+    value set's kept ``definition``: when none of those details is shown, no concept is
+    read.
     """
     annotations = definition.annotations
     need_designations = bool(
@@ -777,6 +771,14 @@ def _decorate(
         # No concept of the code systems used has anything to add.
         found: dict[int, ConceptDetails] = {}
     else:
+        concept_ids: concepts.Ids = (
+            {row.concept_id for row in rows if row.concept_id is not None}
+            if stored_id is None
+            else sa.select(ValueSetMember.concept_id).where(
+                ValueSetMember.value_set_id == stored_id,
+                ValueSetMember.concept_id.is_not(None),
+            )
+        )
         found = concepts.by_id(
             session,
             concept_ids,
