@@ -38,14 +38,17 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from typing import cast
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from thodb import sql, sqlfunctions, versions
 from thodb.canonical import canonical
 from thodb.db import schema_prefix
 from thodb.models import (
+    Base,
     CodeSystem,
     ComposeImport,
     ComposeRule,
@@ -431,7 +434,7 @@ def _resolve(session: Session, rules: VersionRules) -> set[int]:
             updates.append({"id": rule.id, "code_system_id": target})
             changed.add(rule.value_set_id)
     if updates:
-        session.execute(sa.update(ComposeRule), updates)
+        _update_by_id(session, ComposeRule, updates)
         _analyze_if_grown(session, "compose_rule", len(updates))
 
     value_sets: dict[str, list[tuple[int, str | None]]] = defaultdict(list)
@@ -452,9 +455,46 @@ def _resolve(session: Session, rules: VersionRules) -> set[int]:
             updates.append({"id": imp.id, "value_set_id": target})
             changed.add(imp.importer)
     if updates:
-        session.execute(sa.update(ComposeImport), updates)
+        _update_by_id(session, ComposeImport, updates)
         _analyze_if_grown(session, "compose_import", len(updates))
     return changed
+
+
+def _update_by_id(
+    session: Session, model: type[Base], rows: list[dict[str, object]]
+) -> None:
+    """Set the columns of the rows of ``model``'s table that ``rows`` name by id.
+
+    On PostgreSQL in one statement joining the table to the values as arrays
+    (``unnest``): executemany runs one UPDATE per row, 0.27 s for the 3,999 value sets
+    of THO against 0.06 s. On SQLite executemany, which runs in the process.
+    """
+    if not rows:
+        return
+    if not schema_prefix(session):
+        session.execute(sa.update(model), rows)
+        return
+    table = cast(sa.Table, model.__table__)
+    names = list(rows[0])
+    values = (
+        sa.func.unnest(
+            *(
+                sa.bindparam(
+                    f"values_{name}",
+                    [row[name] for row in rows],
+                    type_=ARRAY(table.c[name].type),
+                )
+                for name in names
+            )
+        )
+        .table_valued(*(sa.column(name, table.c[name].type) for name in names))
+        .render_derived(name="given")
+    )
+    session.execute(
+        sa.update(table)
+        .where(table.c.id == values.c.id)
+        .values({name: values.c[name] for name in names if name != "id"})
+    )
 
 
 def _importers(nodes: dict[int, _Node], seeds: set[int]) -> set[int]:
@@ -551,8 +591,9 @@ def refresh(session: Session, *, rules: VersionRules | None = None) -> RefreshSu
     affected = _importers(nodes, pending | changed)
     everything = len(affected) == len(nodes)
     if affected:
-        session.execute(
-            sa.update(ValueSet),
+        _update_by_id(
+            session,
+            ValueSet,
             [
                 {
                     "id": v,
@@ -602,8 +643,9 @@ def refresh(session: Session, *, rules: VersionRules | None = None) -> RefreshSu
                 """
             )
         )
-        session.execute(
-            sa.update(ValueSet),
+        _update_by_id(
+            session,
+            ValueSet,
             [
                 {
                     "id": v,
