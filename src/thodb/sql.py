@@ -43,7 +43,7 @@ SUPPORTED_FILTERS = {
 @contextmanager
 def without_jit(session: Session) -> Iterator[None]:
     """Run the block with PostgreSQL's JIT compilation off, and its setting as before
-    afterwards (the change is local to the transaction either way).
+    afterwards (the change is local to the transaction).
 
     PostgreSQL compiles a statement whose estimated cost passes ``jit_above_cost``.
     The recursive statements are costed with every branch, the ones a one-time filter
@@ -54,19 +54,20 @@ def without_jit(session: Session) -> Iterator[None]:
     if not schema_prefix(session):  # SQLite
         yield
         return
+    # The setting as it was (read from the CTE before set_config runs), and off.
     before = session.scalar(
         text(
             "WITH before AS MATERIALIZED (SELECT current_setting('jit') AS jit) "
             "SELECT jit FROM before WHERE set_config('jit', 'off', true) = 'off'"
         )
     )
-    try:
-        yield
-    finally:
-        if before is not None and before != "off":
-            session.execute(
-                text("SELECT set_config('jit', :before, true)"), {"before": before}
-            )
+    yield
+    # Not after an error: the transaction may have failed, and its end (or the
+    # rollback of the savepoint it is in) puts the setting back anyway.
+    if before is not None and before != "off":
+        session.execute(
+            text("SELECT set_config('jit', :before, true)"), {"before": before}
+        )
 
 
 def for_driver(bind: Engine | Session | Connection, template: str) -> str:
