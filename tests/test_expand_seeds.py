@@ -12,10 +12,14 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from conftest import SHARED
 from reference import Key, Member, ReferenceExpansionError, Terminology
+from thodb import sql
 from thodb.db import schema_prefix, session_scope
 from thodb.errors import NotExpandableError
 from thodb.expand import expand
+from thodb.load import load
+from thodb.models import ValueSet
 from thodb.query import validate_code
 from thodb.seed import IMAGE_REFERENCE_TYPE, seeds_path
 
@@ -70,6 +74,34 @@ def test_a_live_expansion_leaves_the_jit_setting_as_it_was(
         live = expand(session, IMAGE_REFERENCE_TYPE, live=True)
         assert session.scalar(sa.text("SHOW jit")) == setting
     assert len(live.contains) == len(_expected(IMAGE_REFERENCE_TYPE))
+
+
+@pytest.mark.parametrize("engine_kind", ["sqlite"], indirect=True)
+def test_live_expansion_on_sqlite_keeps_its_plan_after_analyze(
+    fresh_engine: Engine,
+) -> None:
+    # With statistics of all of THO (where a few rules list thousands of codes)
+    # SQLite would build an automatic index on compose_rule_code for every live
+    # expansion rather than use its primary key.
+    load(fresh_engine, [SHARED / "data" / "tho", seeds_path()])
+    with fresh_engine.begin() as connection:
+        connection.exec_driver_sql("ANALYZE")
+    with session_scope(fresh_engine) as session:
+        value_set_id = session.scalar(
+            sa.select(ValueSet.id).where(ValueSet.url == IMAGE_REFERENCE_TYPE)
+        )
+        statement = sql.render(session, sql.EXPAND_LIVE)
+        plan = [
+            str(row[-1])
+            for row in session.execute(
+                sa.text("EXPLAIN QUERY PLAN " + statement.text),
+                {"value_set_id": value_set_id},
+            )
+        ]
+    assert not [step for step in plan if "AUTOMATIC" in step and "rule_id" in step]
+    assert _members(fresh_engine, IMAGE_REFERENCE_TYPE, live=True) == _expected(
+        IMAGE_REFERENCE_TYPE
+    )
 
 
 @pytest.mark.parametrize(

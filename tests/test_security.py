@@ -490,6 +490,7 @@ _TEMPLATE_FIELDS = frozenset(
         "regex_property",
         "only_rules",
         "only_targets",
+        "by_rule",
     }
 )
 

@@ -106,6 +106,10 @@ def render(
                 else ""
             ),
             only_targets="AND expansion_status = 'pending'" if pending_only else "",
+            # SQLite with statistics (after ANALYZE) would rather build an automatic
+            # index on all of compose_rule_code, each time, than take its primary
+            # key's for the rules at hand: 88 instead of 5 ms for image-reference-type.
+            by_rule="INDEXED BY sqlite_autoindex_compose_rule_code_1" if sqlite else "",
             instr="instr" if sqlite else "strpos",
             regex_code=regex_match(sqlite, "c.code", "f.value"),
             regex_display=regex_match(sqlite, "c.display", "f.value"),
@@ -502,7 +506,7 @@ SELECT CAST(:value_set_id AS INTEGER), m.system, m.code, MIN(m.version), MIN(m.d
 FROM walked
 CROSS JOIN target t
 CROSS JOIN {p}compose_rule r
-CROSS JOIN {p}compose_rule_code m
+CROSS JOIN {p}compose_rule_code m {by_rule}
 WHERE NOT walked.needed AND NOT (SELECT needed FROM walked)
   AND r.value_set_id = t.value_set_id AND m.rule_id = r.id
   AND r.kind = 'include' AND r.import_count = 0
