@@ -129,6 +129,8 @@ def test_a_changed_value_set_recomputes_itself_and_its_importers_only(
     cid = next(key for key in after if key[0] == resource["url"])
     assert dropped["code"] in {m[1] for m in before[cid][4]}
     assert dropped["code"] not in {m[1] for m in after[cid][4]}
+    # The members the summary reports are the rows there are.
+    assert summary.refresh.members == sum(len(state[4]) for state in after.values())
 
 
 def _members_misnaming_their_value_set(engine: Engine) -> int:

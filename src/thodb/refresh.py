@@ -655,8 +655,15 @@ def refresh(session: Session, *, rules: VersionRules | None = None) -> RefreshSu
                 for v in sorted(affected)
             ],
         )
+    # Every expanded value set's member_count is its rows' (set above when it was
+    # recomputed): summing them reads 3,999 rows instead of counting 101,778.
     members = (
-        session.scalar(sa.select(sa.func.count()).select_from(ValueSetMember)) or 0
+        session.scalar(
+            sa.select(sa.func.sum(ValueSet.member_count)).where(
+                ValueSet.expansion_status == "expanded"
+            )
+        )
+        or 0
     )
     session.execute(sa.update(RefreshState).values(token=uuid.uuid4().hex))
     summary = RefreshSummary(
