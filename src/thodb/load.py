@@ -184,10 +184,6 @@ _WRITTEN_TABLES = (
 def _prepare_refresh(session: Session, summary: LoadSummary) -> None:
     if is_sqlite(session):
         return
-    # The recursive statements look costly enough for PostgreSQL to JIT-compile them,
-    # which takes seconds for a statement that runs in a fraction of one; JIT is off
-    # for this transaction only.
-    session.execute(sa.text("SET LOCAL jit = off"))
     # Statistics of the rows just written (ANALYZE is allowed in a transaction), when
     # the load grew the tables by a tenth or more, as autovacuum's default scale factor
     # would: the planner needs them after a first or large load, while after a few

@@ -571,10 +571,19 @@ def refresh(session: Session, *, rules: VersionRules | None = None) -> RefreshSu
     resolve to other rows, and every value set that imports one of them. A first load
     recomputes everything.
 
+    The recursive statements run with PostgreSQL's JIT compilation off (see
+    :func:`thodb.sql.without_jit`): they look costly enough to be compiled, which
+    takes seconds for a statement that runs in a fraction of one.
+
     :param rules: code system versions to resolve includes to instead of the ones
         the value sets name (a request's ``force-system-version`` and
         ``system-version``); only for membership that is rolled back afterwards.
     """
+    with sql.without_jit(session):
+        return _recompute(session, rules)
+
+
+def _recompute(session: Session, rules: VersionRules | None) -> RefreshSummary:
     session.flush()
     _serialize(session)
     sqlfunctions.ensure(session)
@@ -768,8 +777,7 @@ def version_scope(session: Session, rules: VersionRules) -> Iterator[None]:
         return
     savepoint = session.begin_nested()
     try:
-        with sql.without_jit(session):
-            refresh(session, rules=rules)
+        refresh(session, rules=rules)
         yield
     finally:
         savepoint.rollback()

@@ -48,8 +48,7 @@ def without_jit(session: Session) -> Iterator[None]:
     PostgreSQL compiles a statement whose estimated cost passes ``jit_above_cost``.
     The recursive statements are costed with every branch, the ones a one-time filter
     skips too, and compiling them takes longer than running them: 230 of the 340 ms of
-    the live expansion of a chain of 1,000 imports. (A load turns JIT off for its
-    whole transaction.)
+    the live expansion of a chain of 1,000 imports.
     """
     if not schema_prefix(session):  # SQLite
         yield
