@@ -47,7 +47,7 @@ from thodb.models import (
     ConceptProperty,
     ValueSet,
 )
-from thodb.refresh import RefreshSummary, refresh
+from thodb.refresh import ANALYZE_SCALE, RefreshSummary, refresh
 
 log = logging.getLogger(__name__)
 
@@ -196,14 +196,10 @@ def _prepare_refresh(session: Session, summary: LoadSummary) -> None:
         ),
         {"schema": SCHEMA, "tables": list(_WRITTEN_TABLES)},
     )
-    if summary.written_rows >= _ANALYZE_SCALE * float(known or 0):
+    if summary.written_rows >= ANALYZE_SCALE * float(known or 0):
         session.execute(
             sa.text("ANALYZE " + ", ".join(f"{SCHEMA}.{t}" for t in _WRITTEN_TABLES))
         )
-
-
-#: The share of the rows already there that a load must write for ANALYZE to run.
-_ANALYZE_SCALE = 0.1
 
 
 #: Key of the PostgreSQL advisory lock that serializes loads ("thodb" in ASCII).

@@ -536,12 +536,13 @@ def _analyze_if_grown(session: Session, table: str, written: int) -> None:
         ),
         {"table": p + table},
     )
-    if written >= _ANALYZE_SCALE * float(known or 0):
+    if written >= ANALYZE_SCALE * float(known or 0):
         session.execute(sa.text(_ANALYZE[table]))
 
 
-#: The share of a table's rows a refresh must write for it to be analyzed.
-_ANALYZE_SCALE = 0.1
+#: The share of a table's rows that a load or a refresh must write for the table to be
+#: analyzed (autovacuum's default scale factor).
+ANALYZE_SCALE = 0.1
 
 #: The statements that renew the statistics, by table (PostgreSQL only).
 _ANALYZE = {
