@@ -47,7 +47,7 @@ from thodb.models import (
     ConceptProperty,
     ValueSet,
 )
-from thodb.refresh import ANALYZE_SCALE, RefreshSummary, refresh
+from thodb.refresh import ANALYZE_SCALE, RefreshSummary, known_rows, refresh
 
 log = logging.getLogger(__name__)
 
@@ -188,15 +188,7 @@ def _prepare_refresh(session: Session, summary: LoadSummary) -> None:
     # the load grew the tables by a tenth or more, as autovacuum's default scale factor
     # would: the planner needs them after a first or large load, while after a few
     # resources ANALYZE would take longer than the incremental refresh that follows.
-    known = session.scalar(
-        sa.text(
-            "SELECT COALESCE(SUM(GREATEST(c.reltuples, 0)), 0) FROM pg_class c "
-            "JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE n.nspname = :schema AND c.relname = ANY(:tables)"
-        ),
-        {"schema": SCHEMA, "tables": list(_WRITTEN_TABLES)},
-    )
-    if summary.written_rows >= ANALYZE_SCALE * float(known or 0):
+    if summary.written_rows >= ANALYZE_SCALE * known_rows(session, _WRITTEN_TABLES):
         session.execute(
             sa.text("ANALYZE " + ", ".join(f"{SCHEMA}.{t}" for t in _WRITTEN_TABLES))
         )

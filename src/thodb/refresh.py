@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import cast
@@ -48,6 +48,7 @@ from thodb import sql, sqlfunctions, versions
 from thodb.canonical import canonical
 from thodb.db import schema_prefix
 from thodb.models import (
+    SCHEMA,
     Base,
     CodeSystem,
     ComposeImport,
@@ -526,18 +527,24 @@ def _analyze_if_grown(session: Session, table: str, written: int) -> None:
     reaches (50 instead of 30 ms). A request-scoped refresh writes a few rows and
     needs none of this.
     """
-    p = schema_prefix(session)
-    if not p or written <= 0:
+    if not schema_prefix(session) or written <= 0:
         return
+    if written >= ANALYZE_SCALE * known_rows(session, [table]):
+        session.execute(sa.text(_ANALYZE[table]))
+
+
+def known_rows(session: Session, tables: Sequence[str]) -> float:
+    """PostgreSQL's estimate of the rows of these tables of the ``tho`` schema, from
+    their last ANALYZE or VACUUM (none for a table that never had one)."""
     known = session.scalar(
         sa.text(
-            "SELECT GREATEST(reltuples, 0) FROM pg_class "
-            "WHERE oid = CAST(:table AS regclass)"
+            "SELECT COALESCE(SUM(GREATEST(c.reltuples, 0)), 0) FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = :schema AND c.relname = ANY(:tables)"
         ),
-        {"table": p + table},
+        {"schema": SCHEMA, "tables": list(tables)},
     )
-    if written >= ANALYZE_SCALE * float(known or 0):
-        session.execute(sa.text(_ANALYZE[table]))
+    return float(known or 0)
 
 
 #: The share of a table's rows that a load or a refresh must write for the table to be
