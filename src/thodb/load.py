@@ -351,21 +351,18 @@ def _batches(items: list[T], size: int) -> Iterator[list[T]]:
         yield items[start : start + size]
 
 
-def _insert_returning_ids(
-    session: Session, model: type[Any], rows: list[dict[str, Any]]
-) -> list[int]:
-    if not rows:
-        return []
-    if not is_sqlite(session):
-        ids = _allocate_ids(session, model, len(rows))
-        _copy(session, model, rows, ids)
-        return ids
-    statement = sa.insert(model).returning(model.id, sort_by_parameter_order=True)
-    return list(session.scalars(statement, rows))
-
-
 def _allocate_ids(session: Session, model: type[Any], count: int) -> list[int]:
-    """``count`` ids from the sequence of ``model``'s id column (PostgreSQL)."""
+    """``count`` new ids of ``model``'s table, for rows written with their ids.
+
+    PostgreSQL: from the id column's sequence. SQLite: the ids after the largest,
+    which is how SQLite numbers a row without one; the load's write lock keeps them
+    free until the rows are written.
+    """
+    if not count:
+        return []
+    if is_sqlite(session):
+        largest = session.scalar(sa.select(sa.func.max(model.id))) or 0
+        return list(range(largest + 1, largest + 1 + count))
     table = f"{model.__table__.schema}.{model.__table__.name}"
     return list(
         session.scalars(
@@ -378,37 +375,31 @@ def _allocate_ids(session: Session, model: type[Any], count: int) -> list[int]:
     )
 
 
-def _copy(
-    session: Session,
-    model: type[Any],
-    rows: list[dict[str, Any]],
-    ids: Sequence[int] | None = None,
-) -> None:
+def _copy(session: Session, model: type[Any], rows: list[dict[str, Any]]) -> None:
     """Write ``rows`` (all with the same keys) into ``model``'s table with COPY.
 
     PostgreSQL's COPY takes the rows as one stream: several times faster than INSERT
     statements, in the session's transaction like them.
-
-    :param ids: the ``id`` of each row, when the rows do not hold it.
     """
     table = model.__table__
     names = list(rows[0])
     as_json = {c.name for c in table.columns if isinstance(c.type, sa.JSON)}
     statement = psycopg_sql.SQL("COPY {} ({}) FROM STDIN").format(
         psycopg_sql.Identifier(table.schema, table.name),
-        psycopg_sql.SQL(", ").join(
-            psycopg_sql.Identifier(n) for n in (["id"] if ids else []) + names
-        ),
+        psycopg_sql.SQL(", ").join(psycopg_sql.Identifier(n) for n in names),
     )
     raw = session.connection().connection.driver_connection
     assert raw is not None, "the session's connection is open"
     with raw.cursor() as cursor, cursor.copy(statement) as copy:
-        for i, row in enumerate(rows):
-            values = [
-                json.dumps(row[n]) if n in as_json and row[n] is not None else row[n]
-                for n in names
-            ]
-            copy.write_row([ids[i], *values] if ids else values)
+        for row in rows:
+            copy.write_row(
+                [
+                    json.dumps(row[n])
+                    if n in as_json and row[n] is not None
+                    else row[n]
+                    for n in names
+                ]
+            )
 
 
 def _existing(
@@ -455,11 +446,13 @@ def _batches_of(rows: Iterable[T], size: int) -> Iterator[list[T]]:
 def _write_code_systems(
     session: Session, records: list[CodeSystemRecord], summary: LoadSummary
 ) -> None:
-    cs_ids = _insert_returning_ids(
+    cs_ids = _allocate_ids(session, CodeSystem, len(records))
+    _insert(
         session,
         CodeSystem,
-        [
+        (
             {
+                "id": cs_id,
                 "url": r.url,
                 "version": r.version,
                 "name": r.name,
@@ -477,8 +470,8 @@ def _write_code_systems(
                 "content_hash": r.content_hash,
                 "source": r.source,
             }
-            for r in records
-        ],
+            for cs_id, r in zip(cs_ids, records, strict=True)
+        ),
     )
     _insert(
         session,
@@ -498,11 +491,13 @@ def _write_code_systems(
     concepts = [
         (cs_id, c) for cs_id, r in zip(cs_ids, records, strict=True) for c in r.concepts
     ]
-    concept_ids = _insert_returning_ids(
+    concept_ids = _allocate_ids(session, Concept, len(concepts))
+    _insert(
         session,
         Concept,
-        [
+        (
             {
+                "id": concept_id,
                 "code_system_id": cs_id,
                 "code": c.code,
                 "display": c.display,
@@ -511,8 +506,8 @@ def _write_code_systems(
                 "inactive": c.inactive,
                 "abstract": c.abstract,
             }
-            for cs_id, c in concepts
-        ],
+            for (cs_id, c), concept_id in zip(concepts, concept_ids, strict=True)
+        ),
     )
     ids = {
         (cs_id, c.code): concept_id
@@ -543,30 +538,31 @@ def _write_code_systems(
         for cs_id, c in concepts
         for p in c.properties
     )
-    edges = sorted(
-        {
-            (ids[cs_id, c.code], ids[cs_id, parent])
-            for cs_id, c in concepts
-            for parent in c.parents
-        }
+    # Concepts in id order, each one's parents (a parent given twice is one edge) in
+    # id order: the rows arrive in the primary key's order without a sort of them all.
+    edges = (
+        (child, parent)
+        for (cs_id, c), child in zip(concepts, concept_ids, strict=True)
+        for parent in sorted({ids[cs_id, code] for code in c.parents})
     )
     summary.designations += _insert(session, ConceptDesignation, designations)
     summary.properties += _insert(session, ConceptProperty, properties)
-    _insert(
+    summary.hierarchy_edges += _insert(
         session,
         ConceptParent,
         ({"concept_id": child, "parent_id": parent} for child, parent in edges),
     )
     summary.concepts += len(concepts)
-    summary.hierarchy_edges += len(edges)
 
 
 def _write_value_sets(session: Session, records: list[ValueSetRecord]) -> None:
-    vs_ids = _insert_returning_ids(
+    vs_ids = _allocate_ids(session, ValueSet, len(records))
+    _insert(
         session,
         ValueSet,
-        [
+        (
             {
+                "id": vs_id,
                 "url": r.url,
                 "version": r.version,
                 "name": r.name,
@@ -584,19 +580,21 @@ def _write_value_sets(session: Session, records: list[ValueSetRecord]) -> None:
                 "source": r.source,
                 "expansion_status": "pending",
             }
-            for r in records
-        ],
+            for vs_id, r in zip(vs_ids, records, strict=True)
+        ),
     )
     rules = [
         (vs_id, rule)
         for vs_id, r in zip(vs_ids, records, strict=True)
         for rule in r.rules
     ]
-    rule_ids = _insert_returning_ids(
+    rule_ids = _allocate_ids(session, ComposeRule, len(rules))
+    _insert(
         session,
         ComposeRule,
-        [
+        (
             {
+                "id": rule_id,
                 "value_set_id": vs_id,
                 "kind": rule.kind,
                 "position": rule.position,
@@ -604,8 +602,8 @@ def _write_value_sets(session: Session, records: list[ValueSetRecord]) -> None:
                 "version": rule.version,
                 "import_count": len(rule.imports),
             }
-            for vs_id, rule in rules
-        ],
+            for (vs_id, rule), rule_id in zip(rules, rule_ids, strict=True)
+        ),
     )
     pairs = list(zip(rule_ids, (rule for _, rule in rules), strict=True))
     _insert(
