@@ -243,6 +243,7 @@ def _parse(
             resource.source,
             canonical_base=canonical_base,
             path_prefix=resource.path_prefix,
+            concepts=resource.concepts,
         )
         kind = "CodeSystem" if isinstance(record, CodeSystemRecord) else "ValueSet"
         key = (kind, record.url, record.version)

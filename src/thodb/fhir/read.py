@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from thodb.errors import LoadError
+from thodb.fhir import stream
 from thodb.fhir.xml import parse_xml
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,14 @@ class Resource:
     :param source: the file, or ``package.tgz!package/member.json``.
     :param path_prefix: element path of the resource inside its file
         (``entry[3].resource.`` inside a Bundle), for error messages.
+    :param concepts: a large CodeSystem's ``concept`` items, read from its file as
+        they are needed; ``data`` then holds its other elements.
     """
 
     source: str
     data: dict[str, Any]
     path_prefix: str = ""
+    concepts: stream.ConceptStream | None = None
 
 
 @dataclass
@@ -95,14 +99,24 @@ def _read_file(
     if name.endswith(_PACKAGE_SUFFIXES):
         yield from _read_package(path, counts)
         return
+    xml = name.endswith(".xml")
     try:
         size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise LoadError(source, "", f"file is larger than {MAX_FILE_BYTES} bytes")
+    except OSError as exc:
+        raise LoadError(source, "", f"cannot read: {exc.strerror}") from None
+    if size > MAX_FILE_BYTES:
+        raise LoadError(source, "", f"file is larger than {MAX_FILE_BYTES} bytes")
+    streamed = None
+    if not xml and size >= stream.STREAM_BYTES:
+        streamed = stream.open_code_system(path)
+    if streamed is not None:
+        yield Resource(source, streamed[0], concepts=streamed[1])
+        return
+    try:
         data = path.read_bytes()
     except OSError as exc:
         raise LoadError(source, "", f"cannot read: {exc.strerror}") from None
-    resource = parse_bytes(data, source, xml=name.endswith(".xml"))
+    resource = parse_bytes(data, source, xml=xml)
     if resource is None:
         if not in_folder:
             raise LoadError(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,12 +210,62 @@ Record = CodeSystemRecord | ValueSetRecord
 
 def content_hash(resource: dict[str, Any]) -> str:
     """SHA-256 of the resource's canonical JSON (sorted keys, no insignificant spaces)."""
-    text = json.dumps(
-        resource, sort_keys=True, separators=(",", ":"), ensure_ascii=False
-    )
+    return _sha256(_canonical(resource))
+
+
+def _canonical(value: Any) -> str:
+    return _ENCODER.encode(value)
+
+
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _sha256(text: str) -> str:
     # surrogatepass: a lone surrogate is reported, with its element path, by the
     # checks that follow, not here.
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class _StreamedHash:
+    """:func:`content_hash` of a resource whose ``concept`` items arrive one by one.
+
+    The canonical text is the members sorted before ``concept``, the items, then the
+    members sorted after it: the same text ``content_hash`` makes of the whole resource.
+    Items are encoded a batch at a time (an array's text is its items' texts joined).
+    """
+
+    _BATCH = 1000
+
+    def __init__(self, resource: dict[str, Any]) -> None:
+        before = _canonical({k: v for k, v in resource.items() if k < "concept"})
+        after = _canonical({k: v for k, v in resource.items() if k > "concept"})
+        self._after = "]}" if after == "{}" else "]," + after[1:]
+        self._hash = hashlib.sha256()
+        self._update(before[:-1] + ("," if before != "{}" else "") + '"concept":[')
+        self._pending: list[Any] = []
+        self._separator = ""
+
+    def _update(self, text: str) -> None:
+        self._hash.update(text.encode("utf-8", "surrogatepass"))
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._update(self._separator + _canonical(self._pending)[1:-1])
+            self._separator = ","
+            self._pending.clear()
+
+    def items(self, items: Iterable[Any]) -> Iterator[Any]:
+        """``items``, each added to the canonical text as it passes."""
+        for item in items:
+            self._pending.append(item)
+            if len(self._pending) == self._BATCH:
+                self._flush()
+            yield item
+
+    def hexdigest(self) -> str:
+        self._flush()
+        self._update(self._after)
+        return self._hash.hexdigest()
 
 
 class _Reader:
@@ -326,6 +376,7 @@ def parse_resource(
     *,
     canonical_base: str = DEFAULT_CANONICAL_BASE,
     path_prefix: str = "",
+    concepts: Iterable[Any] | None = None,
 ) -> Record:
     """Check a CodeSystem or ValueSet in FHIR JSON form and turn it into a record.
 
@@ -334,12 +385,15 @@ def parse_resource(
     :param canonical_base: base for ``url`` when the resource has none:
         ``<canonical_base>/<resourceType>/<id>``.
     :param path_prefix: prefix of element paths (``entry[3].resource.`` in a Bundle).
+    :param concepts: the items of a CodeSystem's ``concept`` array, when ``resource``
+        holds its other elements only (:mod:`thodb.fhir.stream`): they are read once,
+        in order, and the record is the one the whole resource would give.
     :raises LoadError: naming the file and element path of the first problem.
     """
     reader = _Reader(source, path_prefix)
     kind = resource.get("resourceType")
     if kind == "CodeSystem":
-        return _code_system(reader, resource, canonical_base)
+        return _code_system(reader, resource, canonical_base, concepts)
     if kind == "ValueSet":
         return _value_set(reader, resource, canonical_base)
     raise reader.error(
@@ -358,13 +412,16 @@ def _url(reader: _Reader, resource: dict[str, Any], base: str) -> str:
 
 
 def _code_system(
-    reader: _Reader, resource: dict[str, Any], base: str
+    reader: _Reader,
+    resource: dict[str, Any],
+    base: str,
+    streamed: Iterable[Any] | None,
 ) -> CodeSystemRecord:
     record = CodeSystemRecord(
         url=_url(reader, resource, base),
         version=reader.key(reader.string(resource, "version", ""), "version"),
         source=reader.source,
-        content_hash=content_hash(resource),
+        content_hash="" if streamed is not None else content_hash(resource),
         name=reader.string(resource, "name", ""),
         title=reader.string(resource, "title", ""),
         status=reader.string(resource, "status", ""),
@@ -398,14 +455,31 @@ def _code_system(
 
     seen: dict[str, str] = {}
     children: list[tuple[str, str, str]] = []
-    _concepts(reader, resource, "", None, record, meaning, seen, children)
+    if streamed is None:
+        concepts: Iterable[Any] = reader.objects(resource, "concept", "")
+    else:
+        hashed = _StreamedHash(resource)
+        concepts = _objects(reader, hashed.items(streamed), "concept")
+    _concepts(reader, concepts, "", None, record, meaning, seen, children)
+    if streamed is not None:
+        record.content_hash = hashed.hexdigest()
     _check_hierarchy(reader, record, seen, children)
     return record
 
 
+def _objects(
+    reader: _Reader, items: Iterable[Any], path: str
+) -> Iterator[dict[str, Any]]:
+    # _Reader.objects for an array read item by item.
+    for item in items:
+        if not isinstance(item, dict):
+            raise reader.error(path, "must be an array of objects")
+        yield item
+
+
 def _concepts(
     reader: _Reader,
-    parent_obj: dict[str, Any],
+    objects: Iterable[dict[str, Any]],
     parent_path: str,
     parent_code: str | None,
     record: CodeSystemRecord,
@@ -413,7 +487,7 @@ def _concepts(
     seen: dict[str, str],
     children: list[tuple[str, str, str]],
 ) -> None:
-    for i, obj in enumerate(reader.objects(parent_obj, "concept", parent_path)):
+    for i, obj in enumerate(objects):
         path = f"{_join(parent_path, 'concept')}[{i}]"
         code = str(reader.key(reader.required(obj, "code", path), f"{path}.code"))
         if code in seen:
@@ -430,15 +504,14 @@ def _concepts(
             concept.parents.append(parent_code)
         for j, designation in enumerate(reader.objects(obj, "designation", path)):
             dpath = f"{path}.designation[{j}]"
-            raw_use = designation.get("use")
-            raw_use if isinstance(raw_use, dict) else {}
             concept.designations.append(_designation(reader, designation, dpath))
         for j, prop in enumerate(reader.objects(obj, "property", path)):
             ppath = f"{path}.property[{j}]"
             _property(reader, prop, ppath, concept, meaning, children)
         _extension_properties(reader, obj, path, concept)
         record.concepts.append(concept)
-        _concepts(reader, obj, path, code, record, meaning, seen, children)
+        nested = reader.objects(obj, "concept", path)
+        _concepts(reader, nested, path, code, record, meaning, seen, children)
 
 
 def _designation(
