@@ -5,7 +5,9 @@ The reference is the whole read: ``json.loads`` of the file, then the same check
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +27,12 @@ from thodb.load import load
 THO = SHARED / "data" / "tho"
 
 
+def _opener(path: Path) -> stream.Opener:
+    return lambda: path.open("rb")
+
+
 def _streamed(path: Path) -> Any:
-    opened = stream.open_code_system(path)
+    opened = stream.open_code_system(str(path), _opener(path))
     assert opened is not None, f"{path} was not streamed"
     members, concepts = opened
     return parse_resource(members, str(path), concepts=concepts)
@@ -107,7 +113,7 @@ def test_every_tho_code_system_streamed_gives_the_records_of_a_whole_read(
         resource = parse_xml(xml.read_bytes(), str(xml))
         path = _write(tmp_path / f"{i}.json", resource)
         if "concept" not in resource:  # read whole: there is nothing to stream
-            assert stream.open_code_system(path) is None
+            assert stream.open_code_system(str(path), _opener(path)) is None
             continue
         streamed = _streamed(path)
         assert streamed == _whole(path), xml
@@ -158,7 +164,25 @@ def test_input_a_stream_would_read_differently_is_read_whole(
 ) -> None:
     path = tmp_path / "cs.json"
     path.write_text(text, encoding="utf-8")
-    assert stream.open_code_system(path) is None
+    assert stream.open_code_system(str(path), _opener(path)) is None
+
+
+def test_a_large_code_system_in_a_package_is_streamed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plain = _write(tmp_path / "cs.json", _code_system())
+    package = tmp_path / "example.tgz"
+    with tarfile.open(package, "w:gz") as archive:
+        archive.add(plain, "package/CodeSystem-streamed.json")
+    monkeypatch.setattr(stream, "STREAM_BYTES", 0)
+    # All read first: the stream opens the package again after it was closed.
+    resources = list(read_paths([package], ReadCounts()))
+    assert len(resources) == 1 and resources[0].concepts is not None
+    found = resources[0]
+    record = parse_resource(found.data, found.source, concepts=found.concepts)
+    assert record.source == f"{package}!package/CodeSystem-streamed.json"
+    whole = _whole(plain)
+    assert dataclasses.replace(record, source=whole.source) == whole
 
 
 def test_a_large_file_with_invalid_json_names_line_and_column(

@@ -7,13 +7,16 @@ Every input ends up as FHIR JSON dicts: JSON is parsed directly, XML through
 
 from __future__ import annotations
 
+import errno
+import functools
 import json
 import logging
 import tarfile
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, Any
 
 from thodb.errors import LoadError
 from thodb.fhir import stream
@@ -108,7 +111,7 @@ def _read_file(
         raise LoadError(source, "", f"file is larger than {MAX_FILE_BYTES} bytes")
     streamed = None
     if not xml and size >= stream.STREAM_BYTES:
-        streamed = stream.open_code_system(path)
+        streamed = stream.open_code_system(source, lambda: path.open("rb"))
     if streamed is not None:
         yield Resource(source, streamed[0], concepts=streamed[1])
         return
@@ -235,17 +238,34 @@ def _read_package(path: Path, counts: ReadCounts) -> Iterator[Resource]:
                 raise LoadError(
                     source, "", f"member is larger than {MAX_FILE_BYTES} bytes"
                 )
+            xml = member.name.endswith(".xml")
+            counts.files += 1
+            if not xml and member.size >= stream.STREAM_BYTES:
+                opener = functools.partial(_package_member, path, member.name)
+                streamed = stream.open_code_system(source, opener)
+                if streamed is not None:
+                    yield Resource(source, streamed[0], concepts=streamed[1])
+                    continue
             handle = archive.extractfile(member)
             if handle is None:
                 continue
-            resource = parse_bytes(
-                handle.read(), source, xml=member.name.endswith(".xml")
-            )
-            counts.files += 1
+            resource = parse_bytes(handle.read(), source, xml=xml)
             if resource is None:
                 counts.skipped_not_fhir += 1
                 continue
             yield from expand_bundle(Resource(source, resource), counts, strict=False)
+
+
+@contextmanager
+def _package_member(path: Path, name: str) -> Iterator[IO[bytes]]:
+    # A member of its own archive: the stream of a large CodeSystem reads it again
+    # after the reading of the package has moved on.
+    with tarfile.open(path, "r:*") as archive:
+        handle = archive.extractfile(name)
+        if handle is None:
+            raise OSError(errno.ENOENT, "no longer in the package")
+        with handle:
+            yield handle
 
 
 def _package_resource(name: PurePosixPath) -> bool:

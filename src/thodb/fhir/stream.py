@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, Any
 
 import ijson
@@ -42,63 +42,51 @@ _STARTS = frozenset({"start_map", "start_array"})
 _ENDS = frozenset({"end_map", "end_array"})
 # \uD800-\uDBFF begins a UTF-16 surrogate pair (or is a lone surrogate).
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abAB]")
-_CHUNK = 1024 * 1024
+
+#: Opens a file (or a package member) for binary reading at its start, as a context.
+Opener = Callable[[], AbstractContextManager[IO[bytes]]]
 
 
 @dataclass(frozen=True)
 class ConceptStream:
-    """The items of a file's top-level ``concept`` array, read again on each iteration.
-
-    :param opener: opens the file for binary reading, at its start.
-    """
+    """The items of a file's top-level ``concept`` array, read again on each iteration."""
 
     source: str
-    opener: Callable[[], IO[bytes]]
+    opener: Opener
 
     def __iter__(self) -> Iterator[Any]:
-        with self.opener() as handle:
-            _skip_bom(handle)
-            try:
+        try:
+            with self.opener() as handle:
+                _skip_bom(handle)
                 yield from ijson.items(handle, "concept.item", use_float=True)
-            except ijson.JSONError as exc:
-                # The first pass read the same bytes without an error.
-                raise LoadError(
-                    self.source,
-                    "concept",
-                    f"the file changed while it was read ({exc})",
-                ) from None
-            except OSError as exc:
-                raise LoadError(
-                    self.source, "", f"cannot read: {exc.strerror}"
-                ) from None
+        except ijson.JSONError as exc:
+            # The first pass read the same bytes without an error.
+            raise LoadError(
+                self.source, "concept", f"the file changed while it was read ({exc})"
+            ) from None
+        except OSError as exc:
+            raise LoadError(self.source, "", f"cannot read: {exc.strerror}") from None
 
 
-def open_code_system(path: Path) -> tuple[dict[str, Any], ConceptStream] | None:
-    """Read a CodeSystem file's elements other than ``concept``, and its concepts' stream.
+def open_code_system(
+    source: str, opener: Opener
+) -> tuple[dict[str, Any], ConceptStream] | None:
+    """Read a CodeSystem's elements other than ``concept``, and its concepts' stream.
 
+    :param source: the file, or ``package.tgz!package/member.json``, for errors.
     :returns: ``None`` when the file must be read whole (see the module's text).
     :raises LoadError: when the file cannot be read.
     """
-    source = str(path)
-
-    def opener() -> IO[bytes]:
-        try:
-            return path.open("rb")
-        except OSError as exc:
-            raise LoadError(source, "", f"cannot read: {exc.strerror}") from None
-
-    with opener() as handle:
-        if _has_surrogate_escape(handle):
-            return None
-        handle.seek(0)
-        _skip_bom(handle)
-        try:
-            top = _top_level(ijson.basic_parse(handle, use_float=True))
-        except ijson.JSONError:
-            return None
-        except OSError as exc:
-            raise LoadError(source, "", f"cannot read: {exc.strerror}") from None
-    if top is None or top.get("resourceType") != "CodeSystem":
+    try:
+        with opener() as handle:
+            _skip_bom(handle)
+            scanned = _SurrogateScan(handle)
+            top = _top_level(ijson.basic_parse(scanned, use_float=True))
+    except ijson.JSONError:
+        return None
+    except OSError as exc:
+        raise LoadError(source, "", f"cannot read: {exc.strerror}") from None
+    if top is None or scanned.found or top.get("resourceType") != "CodeSystem":
         return None
     return top, ConceptStream(source, opener)
 
@@ -159,10 +147,17 @@ def _skip_bom(handle: IO[bytes]) -> None:
         handle.seek(0)
 
 
-def _has_surrogate_escape(handle: IO[bytes]) -> bool:
-    tail = b""
-    while chunk := handle.read(_CHUNK):
-        if _SURROGATE_ESCAPE.search(tail + chunk):
-            return True
-        tail = chunk[-5:]
-    return False
+class _SurrogateScan:
+    """A file's ``read``, noting whether the bytes read hold a surrogate escape."""
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        self._handle = handle
+        self._tail = b""
+        self.found = False
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self._handle.read(size)
+        if not self.found and _SURROGATE_ESCAPE.search(self._tail + chunk):
+            self.found = True
+        self._tail = chunk[-5:]  # an escape cut at the chunk's end: \uD8 is 4 bytes
+        return chunk
