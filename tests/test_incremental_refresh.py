@@ -151,3 +151,67 @@ def _members_misnaming_their_value_set(engine: Engine) -> int:
             )
             or 0
         )
+
+
+def _member_rows(engine: Engine) -> dict[tuple[str, str, str], tuple[str, str | None]]:
+    """(value set url, system, code) -> (physical row, display) of every member.
+
+    The physical row is PostgreSQL's ``xmin`` (the transaction that wrote the row
+    version) or SQLite's ``rowid``: both change when a row is deleted and written
+    again, and stay when it is left alone.
+    """
+    physical = "rowid" if engine.dialect.name == "sqlite" else "xmin::text"
+    with session_scope(engine) as session:
+        prefix = "" if engine.dialect.name == "sqlite" else "tho."
+        rows = session.execute(
+            sa.text(
+                f"SELECT value_set_url, system, code, {physical}, display "
+                f"FROM {prefix}value_set_member"
+            )
+        ).all()
+    return {
+        (url, system, code): (str(row), display)
+        for url, system, code, row, display in rows
+    }
+
+
+def test_recomputed_importers_keep_the_member_rows_that_did_not_change(
+    databases: Databases, engine_kind: str, tmp_path: Path
+) -> None:
+    seeds = tmp_path / "seeds"
+    shutil.copytree(seeds_path(), seeds)
+    changed = seeds / "dicom" / CHANGED
+    resource = json.loads(changed.read_text(encoding="utf-8"))
+    include = resource["compose"]["include"][0]
+    concept = include["concept"][0]
+    concept["display"] = "Renamed in this test"
+    # The importers recomputed with the CID (the CID itself is a new row, with new ids).
+    importers = _importers_in_files(seeds, resource["url"]) - {resource["url"]}
+    assert importers
+
+    engine = databases.engine(engine_kind)
+    load_mod.load(engine, [seeds])
+    before = _member_rows(engine)
+    changed.write_text(json.dumps(resource), encoding="utf-8")
+    load_mod.load(engine, [changed], replace=True)
+    after = _member_rows(engine)
+
+    assert before.keys() == after.keys()
+    renamed = {
+        key
+        for key in after
+        if key[1] == include["system"] and key[2] == concept["code"]
+    }
+    for key in after:
+        if key[0] not in importers:
+            continue
+        if key in renamed:
+            assert after[key][1] == "Renamed in this test"
+            assert after[key][0] != before[key][0]
+        else:
+            assert after[key] == before[key], key
+    assert {key[0] for key in renamed} >= importers
+
+    full = databases.engine(engine_kind)
+    load_mod.load(full, [seeds])
+    assert _state(engine) == _state(full)

@@ -491,6 +491,7 @@ _TEMPLATE_FIELDS = frozenset(
         "only_rules",
         "only_targets",
         "by_rule",
+        "into",
     }
 )
 

@@ -567,9 +567,12 @@ DELETE FROM {p}compose_rule_code WHERE rule_id IN (
     JOIN {p}value_set v ON v.id = r.value_set_id
     WHERE v.expansion_status = 'pending')
 """
-_DELETE_PENDING_MEMBERS = """
+# The members of a value set that no pass recomputes (it cannot be expanded now);
+# those of the others are replaced where they differ (sql.DROP_CHANGED_MEMBERS).
+_DELETE_UNEXPANDABLE_MEMBERS = """
 DELETE FROM {p}value_set_member WHERE value_set_id IN (
-    SELECT id FROM {p}value_set WHERE expansion_status = 'pending')
+    SELECT id FROM {p}value_set
+    WHERE expansion_status = 'pending' AND stratum IS NULL)
 """
 
 
@@ -630,7 +633,8 @@ def _recompute(session: Session, rules: VersionRules | None) -> RefreshSummary:
         session.execute(sa.text(f"DELETE FROM {p}value_set_member"))
     elif affected:
         session.execute(sa.text(_DELETE_PENDING_RULE_CODES.format(p=p)))
-        session.execute(sa.text(_DELETE_PENDING_MEMBERS.format(p=p)))
+        session.execute(sa.text(_DELETE_UNEXPANDABLE_MEMBERS.format(p=p)))
+        session.execute(sa.text(sql.MEMBER_NEW["sqlite" if not p else "postgresql"]))
     passes = max(strata.values(), default=-1) + 1
     if affected:
         only = not everything
@@ -644,10 +648,14 @@ def _recompute(session: Session, rules: VersionRules | None) -> RefreshSummary:
                 _analyze_if_grown(session, "compose_rule_code", written)
             written = 0
             for stratum in range(passes):
-                written += connection.execute(
+                computed = connection.execute(
                     sql.render(session, sql.MATERIALIZE, pending_only=only),
                     {"stratum": stratum},
                 ).rowcount
+                if only:
+                    written += _store_pass(connection, p, stratum)
+                else:
+                    written += computed
             if rules is None:
                 _analyze_if_grown(session, "value_set_member", written)
         session.execute(
@@ -700,6 +708,20 @@ def _recompute(session: Session, rules: VersionRules | None) -> RefreshSummary:
         summary.recomputed,
     )
     return summary
+
+
+def _store_pass(connection: sa.Connection, p: str, stratum: int) -> int:
+    """Replace the stored members of an incremental pass's value sets by those it
+    computed into ``member_new``, writing only the rows that differ; return how many."""
+    params = {"stratum": stratum}
+    written = connection.execute(
+        sa.text(sql.DROP_CHANGED_MEMBERS.format(p=p)), params
+    ).rowcount
+    written += connection.execute(
+        sa.text(sql.ADD_NEW_MEMBERS.format(p=p)), params
+    ).rowcount
+    connection.execute(sa.text("DELETE FROM member_new"))
+    return written
 
 
 # Any constant identifies thodb's lock; this one reads "thodb" in ASCII.

@@ -91,7 +91,8 @@ def render(
     """Fill the dialect fragments of a statement template and wrap it as text.
 
     :param pending_only: limit :data:`RULE_CODES` and :data:`MATERIALIZE` to the value
-        sets whose ``expansion_status`` is ``pending`` (an incremental refresh).
+        sets whose ``expansion_status`` is ``pending`` (an incremental refresh), and
+        have :data:`MATERIALIZE` write into :data:`MEMBER_NEW`.
     """
     p = schema_prefix(bind)
     sqlite = p == ""
@@ -105,6 +106,7 @@ def render(
                 else ""
             ),
             only_targets="AND expansion_status = 'pending'" if pending_only else "",
+            into="member_new" if pending_only else f"{p}value_set_member",
             # SQLite with statistics (after ANALYZE) would rather build an automatic
             # index on all of compose_rule_code, each time, than take its primary
             # key's for the rules at hand: 88 instead of 5 ms for image-reference-type.
@@ -442,7 +444,7 @@ target(value_set_id) AS (
 ),"""
     + _MEMBERS
     + """
-INSERT INTO {p}value_set_member
+INSERT INTO {into}
     (value_set_id, system, code, version, display, inactive, abstract, concept_id,
      value_set_url, value_set_version)
 SELECT c.value_set_id, c.system, c.code, c.version, c.display, c.inactive, c.abstract,
@@ -453,6 +455,67 @@ FROM ("""
 GROUP BY value_set_id, system, code
 ) c
 JOIN {p}value_set vs ON vs.id = c.value_set_id
+"""
+)
+
+#: Where an incremental refresh's :data:`MATERIALIZE` writes the members of a pass, to
+#: be compared with the stored ones (a temporary table, by engine): a value set that
+#: is recomputed because one it imports changed keeps most of its rows.
+MEMBER_NEW = {
+    "postgresql": "CREATE TEMPORARY TABLE IF NOT EXISTS member_new "
+    "(LIKE tho.value_set_member) ON COMMIT DROP",
+    "sqlite": "CREATE TEMPORARY TABLE IF NOT EXISTS member_new AS "
+    "SELECT * FROM value_set_member WHERE 0",
+}
+
+_MEMBER_COLUMNS = (
+    "value_set_id, system, code, version, display, inactive, abstract, concept_id, "
+    "value_set_url, value_set_version"
+)
+_PASS_TARGETS = """(
+    SELECT id FROM {p}value_set
+    WHERE stratum = :stratum AND expansion_status = 'pending')"""
+
+#: After :data:`MATERIALIZE` of pass ``:stratum`` into ``member_new``: remove the
+#: stored members of its value sets that are not among the new ones, column for column
+#: (``EXCEPT`` takes two NULLs for equal, as a comparison would not).
+DROP_CHANGED_MEMBERS = (
+    """
+DELETE FROM {p}value_set_member
+WHERE value_set_id IN """
+    + _PASS_TARGETS
+    + """
+  AND (value_set_id, system, code) IN (
+    SELECT value_set_id, system, code FROM (
+        SELECT """
+    + _MEMBER_COLUMNS
+    + """ FROM {p}value_set_member
+        WHERE value_set_id IN """
+    + _PASS_TARGETS
+    + """
+        EXCEPT
+        SELECT """
+    + _MEMBER_COLUMNS
+    + """ FROM member_new) changed)
+"""
+)
+
+#: Then store the new members that are not stored yet (what is left of the pass's
+#: value sets is what did not change).
+ADD_NEW_MEMBERS = (
+    """
+INSERT INTO {p}value_set_member ("""
+    + _MEMBER_COLUMNS
+    + """)
+SELECT """
+    + _MEMBER_COLUMNS
+    + """ FROM member_new
+EXCEPT
+SELECT """
+    + _MEMBER_COLUMNS
+    + """ FROM {p}value_set_member WHERE value_set_id IN """
+    + _PASS_TARGETS
+    + """
 """
 )
 
