@@ -87,6 +87,12 @@ class Databases:
         self.engines.append(engine)
         return engine
 
+    def close_idle(self) -> None:
+        """Close the pooled connections no test holds: every engine of the run keeps
+        its pool, and PostgreSQL admits 100 connections by default."""
+        for engine in self.engines:
+            engine.dispose()
+
     def drop_all(self) -> None:
         for engine in self.engines:
             engine.dispose()
@@ -105,6 +111,12 @@ def databases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Databases]:
     found = Databases(tmp_path_factory.mktemp("databases"))
     yield found
     found.drop_all()
+
+
+@pytest.fixture(autouse=True)
+def _idle_connections_closed(databases: Databases) -> Iterator[None]:
+    yield
+    databases.close_idle()
 
 
 @pytest.fixture(params=ENGINES)

@@ -153,7 +153,7 @@ def test_stats_shows_expandable_and_not_with_reasons(
     engine, summary = tho
     url = engine.url.render_as_string(hide_password=False)
     result = CliRunner().invoke(main, ["--database-url", url, "stats"])
-    assert result.exit_code == 0
+    assert result.exit_code == 0, result.output
     assert f"value sets: {summary.value_sets_added}" in result.stdout
     assert (
         "http://terminology.hl7.org/ValueSet/ucum-units|1.0.0: compose.include[0] includes all of "
