@@ -1,7 +1,8 @@
-"""A first load into PostgreSQL adds the foreign keys of the tables the refresh fills
-after filling them: it must end with the constraints the migrations make, and must not
-wait for a transaction that holds those tables. It also leaves the planner statistics
-of those tables, which have none before, and of the tables it wrote."""
+"""A first load into PostgreSQL adds the foreign keys of the tables it writes and of
+those the refresh fills after filling them: it must end with the constraints the
+migrations make, and must not wait for a transaction that holds those tables. It also
+leaves the planner statistics of those tables, which have none before, and of the
+tables it wrote."""
 
 from __future__ import annotations
 
@@ -97,6 +98,28 @@ def test_the_foreign_keys_still_refuse_a_member_of_no_value_set(
                 "VALUES (-1, 'http://x', 'y', false, false, 'http://z')"
             )
         )
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        (
+            "INSERT INTO tho.concept_property (concept_id, code, type, value) "
+            "VALUES (-1, 'p', 'code', 'v')"
+        ),
+        "INSERT INTO tho.concept_parent (concept_id, parent_id) VALUES (-1, -2)",
+        (
+            "INSERT INTO tho.compose_filter (rule_id, position, property, op, value) "
+            "VALUES (-1, 0, 'concept', 'is-a', 'a')"
+        ),
+    ],
+)
+def test_the_foreign_keys_of_loaded_tables_still_refuse_orphans(
+    postgresql: Engine, tmp_path: Path, statement: str
+) -> None:
+    load(postgresql, [_content(tmp_path / "content")])
+    with pytest.raises(sa.exc.IntegrityError), postgresql.begin() as connection:
+        connection.execute(sa.text(statement))
 
 
 def test_a_first_load_does_not_wait_for_a_reader(

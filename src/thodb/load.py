@@ -47,7 +47,14 @@ from thodb.models import (
     ConceptProperty,
     ValueSet,
 )
-from thodb.refresh import ANALYZE_SCALE, RefreshSummary, known_rows, refresh
+from thodb.refresh import (
+    ANALYZE_SCALE,
+    RefreshSummary,
+    keys_checked_after,
+    known_rows,
+    lock_if_free,
+    refresh,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +130,9 @@ def load(
         with session_scope(engine, write=True) as session:
             lock_for_load(session)
             ensure_schema(session.connection())
-            _write(session, records, replace, summary, progress)
+            first = _first_load(session)
+            with keys_checked_after(session, _WRITTEN_FOREIGN_KEYS, first):
+                _write(session, records, replace, summary, progress)
             if summary.changed:
                 if progress:
                     progress("expand", 0)
@@ -179,6 +188,45 @@ _WRITTEN_TABLES = (
     "compose_filter",
     "compose_import",
 )
+
+
+# The foreign keys of the tables a load writes, which a first load into PostgreSQL
+# adds after writing (a million concept properties took 2.6 s checked row by row,
+# 0.06 s at once): each points at a row the same load wrote.
+_WRITTEN_FOREIGN_KEYS = tuple(
+    constraint
+    for model in (
+        CodeSystemProperty,
+        Concept,
+        ConceptDesignation,
+        ConceptParent,
+        ConceptProperty,
+        ComposeRule,
+        ComposeConcept,
+        ComposeFilter,
+        ComposeImport,
+    )
+    if isinstance(model.__table__, sa.Table)
+    for constraint in model.__table__.foreign_key_constraints
+)
+_LOCK_WRITTEN = (
+    "LOCK TABLE "
+    + ", ".join(f"tho.{table}" for table in _WRITTEN_TABLES)
+    + " IN ACCESS EXCLUSIVE MODE NOWAIT"
+)
+
+
+def _first_load(session: Session) -> bool:
+    """Whether this is a load into an empty PostgreSQL database whose tables no other
+    transaction uses: they are then locked until it commits, and their foreign keys
+    checked after writing (see :func:`thodb.refresh.keys_checked_after`). A reader
+    that starts meanwhile waits for the load instead of finding nothing."""
+    if is_sqlite(session) or any(
+        session.scalar(sa.select(sa.exists().select_from(model)))
+        for model in (CodeSystem, ValueSet)
+    ):
+        return False
+    return lock_if_free(session, _LOCK_WRITTEN)
 
 
 def _prepare_refresh(session: Session, summary: LoadSummary) -> None:

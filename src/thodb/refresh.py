@@ -46,7 +46,7 @@ from sqlalchemy.orm import Session
 
 from thodb import sql, sqlfunctions, versions
 from thodb.canonical import canonical
-from thodb.db import schema_prefix
+from thodb.db import is_sqlite, schema_prefix
 from thodb.models import (
     SCHEMA,
     Base,
@@ -638,7 +638,7 @@ def _recompute(session: Session, rules: VersionRules | None) -> RefreshSummary:
     passes = max(strata.values(), default=-1) + 1
     if affected:
         only = not everything
-        with _checked_after(session, first):
+        with keys_checked_after(session, _DERIVED_FOREIGN_KEYS, first):
             # On the connection: its results tell how many rows were written.
             connection = session.connection()
             written = connection.execute(
@@ -729,20 +729,29 @@ _REFRESH_LOCK = 0x74686F6462
 
 
 def _lock_for_first_fill(session: Session) -> bool:
-    """Lock the tables whose foreign keys :func:`_checked_after` drops, until the load
-    commits, when this is PostgreSQL, no value set has members yet (a first load) and
-    nothing else holds a lock on them; return whether they were locked."""
-    p = schema_prefix(session)
-    if not p or session.scalar(sa.select(sa.exists().select_from(ValueSetMember))):
+    """Lock the tables whose foreign keys :func:`keys_checked_after` drops, until the
+    load commits, when this is PostgreSQL, no value set has members yet (a first load)
+    and nothing else holds a lock on them; return whether they were locked."""
+    if is_sqlite(session) or session.scalar(
+        sa.select(sa.exists().select_from(ValueSetMember))
+    ):
         return False
+    return lock_if_free(session, _LOCK_DERIVED)
+
+
+_LOCK_DERIVED = (
+    "LOCK TABLE tho.value_set, tho.compose_rule, tho.value_set_member, "
+    "tho.compose_rule_code IN ACCESS EXCLUSIVE MODE NOWAIT"
+)
+
+
+def lock_if_free(session: Session, statement: str) -> bool:
+    """Run ``statement``, a PostgreSQL ``LOCK TABLE … NOWAIT``, for the rest of the
+    transaction; return ``False`` instead of waiting when another transaction holds a
+    lock on one of its tables."""
     savepoint = session.begin_nested()
     try:
-        session.execute(
-            sa.text(
-                f"LOCK TABLE {p}value_set, {p}compose_rule, {p}value_set_member, "
-                f"{p}compose_rule_code IN ACCESS EXCLUSIVE MODE NOWAIT"
-            )
-        )
+        session.execute(sa.text(statement))
     except sa.exc.OperationalError as exc:
         if getattr(exc.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
             raise
@@ -765,24 +774,26 @@ _DERIVED_FOREIGN_KEYS = tuple(
 
 
 @contextmanager
-def _checked_after(session: Session, first: bool) -> Iterator[None]:
-    """On a first load, drop the foreign keys of the derived tables for the block and
-    add them back after it, which checks every row in one join.
+def keys_checked_after(
+    session: Session, constraints: Sequence[sa.ForeignKeyConstraint], first: bool
+) -> Iterator[None]:
+    """On a first load, drop ``constraints`` for the block and add them back after it,
+    which checks every row in one join.
 
     PostgreSQL checks a foreign key row by row as rows are inserted: for THO, 0.6 s of
     the 2.5 s that computing and inserting its 101,778 members took, against 0.07 s to
     check them all at once (its manual's advice for populating a database). Dropping
     a constraint needs the tables to itself until the load commits, so this is done
-    only when there is no membership yet for anyone to read and no other transaction
-    holds a lock on them (see :func:`_lock_for_first_fill`).
+    only when their tables are empty for anyone to read and no other transaction
+    holds a lock on them (``first``: see :func:`lock_if_free`).
     """
     if not first:
         yield
         return
-    for constraint in _DERIVED_FOREIGN_KEYS:
+    for constraint in constraints:
         session.execute(sa.schema.DropConstraint(constraint))
     yield
-    for constraint in _DERIVED_FOREIGN_KEYS:
+    for constraint in constraints:
         session.execute(sa.schema.AddConstraint(constraint))
 
 
