@@ -191,8 +191,9 @@ _WRITTEN_TABLES = (
 
 
 # The foreign keys of the tables a load writes, which a first load into PostgreSQL
-# adds after writing (a million concept properties took 2.6 s checked row by row,
-# 0.06 s at once): each points at a row the same load wrote.
+# adds after writing: 300,000 concept properties took 2.6 s to insert with their key
+# checked row by row, 1.3 s without it, and 0.06 s to check them all at once. Each
+# points at a row the same load wrote.
 _WRITTEN_FOREIGN_KEYS = tuple(
     constraint
     for model in (
