@@ -94,13 +94,18 @@ def _state(engine: Engine) -> dict[tuple[str, str | None], Any]:
         }
 
 
-def test_a_changed_value_set_recomputes_itself_and_its_importers_only(
-    databases: Databases, engine_kind: str, tmp_path: Path
-) -> None:
+def _seeds_copy(tmp_path: Path) -> tuple[Path, Path, dict[str, Any]]:
+    """A copy of the seeds, the path of the CID to change in it, and that CID."""
     seeds = tmp_path / "seeds"
     shutil.copytree(seeds_path(), seeds)
     changed = seeds / "dicom" / CHANGED
-    resource = json.loads(changed.read_text(encoding="utf-8"))
+    return seeds, changed, json.loads(changed.read_text(encoding="utf-8"))
+
+
+def test_a_changed_value_set_recomputes_itself_and_its_importers_only(
+    databases: Databases, engine_kind: str, tmp_path: Path
+) -> None:
+    seeds, changed, resource = _seeds_copy(tmp_path)
     dropped = resource["compose"]["include"][0]["concept"].pop()
     affected = _importers_in_files(seeds, resource["url"])
     assert len(affected) > 1  # the CID is imported
@@ -178,10 +183,7 @@ def _member_rows(engine: Engine) -> dict[tuple[str, str, str], tuple[str, str | 
 def test_recomputed_importers_keep_the_member_rows_that_did_not_change(
     databases: Databases, engine_kind: str, tmp_path: Path
 ) -> None:
-    seeds = tmp_path / "seeds"
-    shutil.copytree(seeds_path(), seeds)
-    changed = seeds / "dicom" / CHANGED
-    resource = json.loads(changed.read_text(encoding="utf-8"))
+    seeds, changed, resource = _seeds_copy(tmp_path)
     include = resource["compose"]["include"][0]
     concept = include["concept"][0]
     concept["display"] = "Renamed in this test"
