@@ -50,6 +50,7 @@ from thodb.models import (
 from thodb.refresh import (
     ANALYZE_SCALE,
     RefreshSummary,
+    foreign_keys,
     keys_checked_after,
     known_rows,
     lock_if_free,
@@ -194,25 +195,20 @@ _WRITTEN_TABLES = (
 # adds after writing: 300,000 concept properties took 2.6 s to insert with their key
 # checked row by row, 1.3 s without it, and 0.06 s to check them all at once. Each
 # points at a row the same load wrote.
-_WRITTEN_FOREIGN_KEYS = tuple(
-    constraint
-    for model in (
-        CodeSystemProperty,
-        Concept,
-        ConceptDesignation,
-        ConceptParent,
-        ConceptProperty,
-        ComposeRule,
-        ComposeConcept,
-        ComposeFilter,
-        ComposeImport,
-    )
-    if isinstance(model.__table__, sa.Table)
-    for constraint in model.__table__.foreign_key_constraints
+_WRITTEN_FOREIGN_KEYS = foreign_keys(
+    CodeSystemProperty,
+    Concept,
+    ConceptDesignation,
+    ConceptParent,
+    ConceptProperty,
+    ComposeRule,
+    ComposeConcept,
+    ComposeFilter,
+    ComposeImport,
 )
 _LOCK_WRITTEN = (
     "LOCK TABLE "
-    + ", ".join(f"tho.{table}" for table in _WRITTEN_TABLES)
+    + ", ".join(f"{SCHEMA}.{table}" for table in _WRITTEN_TABLES)
     + " IN ACCESS EXCLUSIVE MODE NOWAIT"
 )
 

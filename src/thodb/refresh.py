@@ -763,14 +763,19 @@ def lock_if_free(session: Session, statement: str) -> bool:
 
 _LOCK_NOT_AVAILABLE = "55P03"
 
+
+def foreign_keys(*models: type[Base]) -> tuple[sa.ForeignKeyConstraint, ...]:
+    """The foreign keys of the tables of ``models``, for :func:`keys_checked_after`."""
+    return tuple(
+        constraint
+        for model in models
+        for constraint in cast(sa.Table, model.__table__).foreign_key_constraints
+    )
+
+
 # The foreign keys of the two tables a refresh fills; each points at a row that a load
 # wrote in the same transaction.
-_DERIVED_FOREIGN_KEYS = tuple(
-    constraint
-    for table in (ComposeRuleCode.__table__, ValueSetMember.__table__)
-    if isinstance(table, sa.Table)
-    for constraint in table.foreign_key_constraints
-)
+_DERIVED_FOREIGN_KEYS = foreign_keys(ComposeRuleCode, ValueSetMember)
 
 
 @contextmanager
