@@ -473,8 +473,7 @@ def _expand(
         supplements,
         definition,
     )
-    if options.active_only or options.exclude_not_for_ui or options.filter:
-        members = [m for m in members if _wanted(m, options)]
+    members = _wanted_members(members, options)
     total = len(members)
     paged = options.offset > 0 or options.count is not None
     if options.max_size is not None and total > options.max_size and not paged:
@@ -904,6 +903,14 @@ def _dress(
 
 
 _WORD = re.compile(r"\w+")
+
+
+def _wanted_members(members: list[Member], options: ExpandOptions) -> list[Member]:
+    """The members that ``activeOnly``, ``excludeNotForUI`` and ``filter`` keep;
+    ``members`` itself, without a pass over them, when none of those is asked."""
+    if not (options.active_only or options.exclude_not_for_ui or options.filter):
+        return members
+    return [m for m in members if _wanted(m, options)]
 
 
 def _wanted(member: Member, options: ExpandOptions) -> bool:
