@@ -109,11 +109,9 @@ def _read_file(
         raise LoadError(source, "", f"cannot read: {exc.strerror}") from None
     if size > MAX_FILE_BYTES:
         raise LoadError(source, "", f"file is larger than {MAX_FILE_BYTES} bytes")
-    streamed = None
-    if not xml and size >= stream.STREAM_BYTES:
-        streamed = stream.open_code_system(source, lambda: path.open("rb"))
+    streamed = _streamed(source, size, xml, lambda: path.open("rb"))
     if streamed is not None:
-        yield Resource(source, streamed[0], concepts=streamed[1])
+        yield streamed
         return
     try:
         data = path.read_bytes()
@@ -129,6 +127,17 @@ def _read_file(
         log.info("%s: not a FHIR resource, passed over", source)
         return
     yield from expand_bundle(Resource(source, resource), counts, strict=True)
+
+
+def _streamed(
+    source: str, size: int, xml: bool, opener: stream.Opener
+) -> Resource | None:
+    """A large JSON CodeSystem whose concepts are read from ``opener`` as they are
+    needed (:mod:`thodb.fhir.stream`), or ``None`` when the input is read whole."""
+    if xml or size < stream.STREAM_BYTES:
+        return None
+    found = stream.open_code_system(source, opener)
+    return None if found is None else Resource(source, found[0], concepts=found[1])
 
 
 def parse_bytes(data: bytes, source: str, *, xml: bool) -> dict[str, Any] | None:
@@ -240,12 +249,11 @@ def _read_package(path: Path, counts: ReadCounts) -> Iterator[Resource]:
                 )
             xml = member.name.endswith(".xml")
             counts.files += 1
-            if not xml and member.size >= stream.STREAM_BYTES:
-                opener = functools.partial(_package_member, path, member.name)
-                streamed = stream.open_code_system(source, opener)
-                if streamed is not None:
-                    yield Resource(source, streamed[0], concepts=streamed[1])
-                    continue
+            opener = functools.partial(_package_member, path, member.name)
+            streamed = _streamed(source, member.size, xml, opener)
+            if streamed is not None:
+                yield streamed
+                continue
             handle = archive.extractfile(member)
             if handle is None:
                 continue
