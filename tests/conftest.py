@@ -94,8 +94,7 @@ class Databases:
             engine.dispose()
 
     def drop_all(self) -> None:
-        for engine in self.engines:
-            engine.dispose()
+        self.close_idle()
         if not self.created:
             return
         with _admin().connect() as connection:
