@@ -21,7 +21,7 @@ from sqlalchemy.engine import Engine
 from conftest import Databases
 from thodb import load as load_mod
 from thodb.canonical import split_canonical
-from thodb.db import session_scope
+from thodb.db import schema_prefix, session_scope
 from thodb.models import Concept, ValueSet, ValueSetMember
 from thodb.seed import seeds_path
 
@@ -167,7 +167,7 @@ def _member_rows(engine: Engine) -> dict[tuple[str, str, str], tuple[str, str | 
     """
     physical = "rowid" if engine.dialect.name == "sqlite" else "xmin::text"
     with session_scope(engine) as session:
-        prefix = "" if engine.dialect.name == "sqlite" else "tho."
+        prefix = schema_prefix(engine)
         rows = session.execute(
             sa.text(
                 f"SELECT value_set_url, system, code, {physical}, display "
