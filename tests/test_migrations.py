@@ -141,6 +141,14 @@ def test_there_is_a_line_of_revisions_from_base_to_head() -> None:
         assert down == previous
 
 
+def test_upgrading_a_new_database_warns_of_nothing(fresh_engine: Engine) -> None:
+    # The first command a user runs migrates; a warning on it reaches their terminal.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        migrate.upgrade(fresh_engine)
+    assert migrate.current(fresh_engine) == migrate.head()
+
+
 def test_upgrade_downgrade_to_base_and_upgrade_again_with_data(
     fresh_engine: Engine, tmp_path: Path
 ) -> None:
