@@ -1,10 +1,10 @@
 """The expansion cache never answers from a state that is no longer the database's.
 
-Neither do the facts validate-code keeps (value sets, code systems, scopes) nor what an
-expansion keeps of a compose. A load recomputes the membership and replaces the
-refresh token; a request's own resources (loaded in a transaction that is rolled back)
-give a token that is never current again. Expected codes come from the FHIR files,
-read here.
+Neither do the facts and answers validate-code keeps (value sets, code systems, scopes,
+whole answers) nor what an expansion keeps of a compose. A load recomputes the
+membership and replaces the refresh token; a request's own resources (loaded in a
+transaction that is rolled back) give a token that is never current again. Expected
+codes come from the FHIR files, read here.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from conftest import SHARED
 from thodb import load as load_mod
 from thodb.db import session_scope
 from thodb.expand import expand, set_cache_budget
-from thodb.query import validate_code
+from thodb.query import ValidateOptions, validate_code
 
 TX = SHARED / "tx-tests"
 VALUE_SET = "http://hl7.org/fhir/test/ValueSet/simple-enumerated"
@@ -155,6 +155,51 @@ def test_validate_code_sees_a_code_system_loaded_after_its_value_set(
     assert not after.result
     assert "invalid-display" in {i.tx_type for i in after.issues}
     assert "not-found" not in {i.tx_type for i in after.issues}
+
+
+def test_a_validate_code_answer_is_kept_for_its_own_arguments_only(
+    fresh_engine: Engine, tmp_path: Any
+) -> None:
+    # An answer kept in the process is handed out again (the same object) to the
+    # same call; a call that differs in display or options gets its own answer, and
+    # one made with cache=False is computed again and equal.
+    code_system = _json("simple/codesystem-simple.json")
+    value_set = _json("simple/valueset-enumerated.json")
+    listed = {c["code"] for c in value_set["compose"]["include"][0]["concept"]}
+    concept = next(c for c in code_system["concept"] if c["code"] in listed)
+    code, display = concept["code"], concept["display"]
+    path = tmp_path / "vs.json"
+    path.write_text(json.dumps(value_set))
+    load_mod.load(fresh_engine, [TX / "simple/codesystem-simple.json", path])
+
+    def answer(**kwargs: Any) -> Any:
+        with session_scope(fresh_engine) as session:
+            return validate_code(session, VALUE_SET, system=SIMPLE, code=code, **kwargs)
+
+    first = answer(display=display)
+    assert first.result and first.display == display
+    assert answer(display=display) is first
+    computed = answer(display=display, cache=False)
+    assert computed == first and computed is not first
+
+    wrong = answer(display=f"not {display}")
+    assert not wrong.result
+    assert "invalid-display" in {i.tx_type for i in wrong.issues}
+    lenient = answer(
+        display=f"not {display}", options=ValidateOptions(lenient_display=True)
+    )
+    assert lenient.result
+    assert answer(display=f"not {display}") is wrong
+    assert answer(display=display) is first
+
+    # The same url|version without the code, loaded with --replace.
+    changed = copy.deepcopy(value_set)
+    include = changed["compose"]["include"][0]
+    include["concept"] = [c for c in include["concept"] if c["code"] != code]
+    path.write_text(json.dumps(changed))
+    load_mod.load(fresh_engine, [path], replace=True)
+    assert not answer(display=display).result
+    assert not answer(display=display, cache=False).result
 
 
 def test_the_cache_budget_bounds_what_is_kept(seeded_engine: Engine) -> None:

@@ -860,13 +860,19 @@ def validate_code(
     version: str | None = None,
     system_version: str | None = None,
     options: ValidateOptions | None = None,
+    cache: bool = True,
 ) -> Validation:
     """Is ``system|code`` valid in value set ``url|version``? (``ValueSet/$validate-code``)
+
+    The answer is kept in this process and given again to the same call until a load
+    changes the membership (as :func:`thodb.expand.expand` keeps expansions).
 
     :param system: the code's system (``None`` with ``options.infer_system``).
     :param display: a display to check.
     :param version: the value set's version (the newest when ``None``).
     :param system_version: the code system version the code is from.
+    :param cache: answer from (and add to) the answers kept for the same arguments;
+        the facts kept of value sets and code systems are used either way.
     :raises ValueSetNotFound: when the value set is not loaded.
     :raises ValueSetNotExpandable: when it cannot be evaluated (an import cycle, a bad
         filter, an import that is not loaded).
@@ -874,7 +880,7 @@ def validate_code(
     """
     coding = Coding(system, code, system_version, display)
     return validate_coding(
-        session, url, coding, version=version, options=options, mode="code"
+        session, url, coding, version=version, options=options, mode="code", cache=cache
     )
 
 
@@ -886,6 +892,7 @@ def validate_coding(
     version: str | None = None,
     options: ValidateOptions | None = None,
     mode: str = "coding",
+    cache: bool = True,
 ) -> Validation:
     """Validate a ``Coding`` against value set ``url|version``.
 
@@ -894,7 +901,7 @@ def validate_coding(
     :raises ValueSetNotFound: see :func:`validate_code`.
     """
     return validate_concept(
-        session, url, [coding], version=version, options=options, mode=mode
+        session, url, [coding], version=version, options=options, mode=mode, cache=cache
     )
 
 
@@ -906,6 +913,7 @@ def validate_concept(
     version: str | None = None,
     options: ValidateOptions | None = None,
     mode: str = "codeableConcept",
+    cache: bool = True,
 ) -> Validation:
     """Validate a ``CodeableConcept`` (valid when one of its codings is).
 
@@ -918,11 +926,22 @@ def validate_concept(
     probe = None
     if first.system and first.code and concepts.storable(first.system, first.code):
         probe = (first.system, first.code)
+    # The default options by identity: hashing them is most of the time of a lookup.
+    key = (
+        url,
+        version,
+        mode,
+        tuple(codings),
+        None if options is _NO_OPTIONS else options,
+    )
     with version_scope(session, options.versions):
         for _ in range(_READ_ATTEMPTS):
             # Facts kept from earlier calls hold only for the stored membership.
             reads = Reads(session, keep=not options.versions)
             reads.begin(url, version, probe)
+            kept = reads.kept_answer(key) if cache else None
+            if isinstance(kept, Validation):
+                return kept
             value_set = reads.value_set(url, version)
             scope = reads.scope(value_set)
             answer = _run(
@@ -931,6 +950,8 @@ def validate_concept(
             # Under PostgreSQL's READ COMMITTED each statement sees the latest commit:
             # the answer is of one state when the refresh token did not change.
             if reads.settle(scope):
+                if cache:
+                    reads.keep_answer(key, answer)
                 break
         return answer
 

@@ -10,13 +10,15 @@ process by (database, token), and a warm call checks that they still hold in the
 statement that reads the code's membership row and its concept (in the code system
 the includes resolved to): one statement in all, and one more for the designations
 when a display is checked. Facts a call reads for the first time are kept only when
-the token read after the call shows that no load committed meanwhile.
+the token read after the call shows that no load committed meanwhile. The answers of
+calls are kept the same way: a call asked again with the same arguments in the same
+state is answered by the statement that reads the token.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -289,6 +291,8 @@ class _State:
         self.value_sets: Kept[tuple[str, str | None], ValueSetFacts] = Kept(_KEPT)
         self.code_systems: Kept[str, tuple[CodeSystemInfo, ...]] = Kept(_KEPT * 4)
         self.scopes: Kept[int, _ScopeFacts] = Kept(_KEPT)
+        # The answers of whole calls, by their arguments (see Reads.kept_answer).
+        self.answers: Kept[Hashable, object] = Kept(_KEPT * 16)
 
 
 #: Value sets (and scopes) kept per state; four times as many code systems.
@@ -435,6 +439,22 @@ class Reads:
             rows=self._probed if value_set.id == self._probed_of else None,
             one_version=facts.one_version,
         )
+
+    def kept_answer(self, key: Hashable) -> object | None:
+        """The answer kept for the call ``key`` (its arguments) in the state the token
+        read by :meth:`begin` is of; None when there is none."""
+        return self._kept.answers.get(key) if self._kept is not None else None
+
+    def keep_answer(self, key: Hashable, answer: object) -> None:
+        """Keep ``answer`` of the call ``key``; only after :meth:`settle` said that it
+        is of one state."""
+        if not self._keep or self._token is None:
+            return
+        with _STATES_LOCK:
+            kept = _STATES.get(self._database)
+            if kept is None or kept.token != self._token:
+                kept = _STATES[self._database] = _State(self._token)
+            kept.answers.update({key: answer})
 
     def settle(self, scope: Scope) -> bool:
         """Keep what this call read; ``False`` when a load may have committed while it

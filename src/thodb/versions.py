@@ -127,6 +127,15 @@ class VersionRules:
     def __bool__(self) -> bool:
         return bool(self.default or self.check or self.force)
 
+    def __hash__(self) -> int:
+        # By value, as equality is: the options of a request are part of the key of
+        # the answers kept for it.
+        return hash(
+            tuple(
+                tuple(sorted(m.items())) for m in (self.default, self.check, self.force)
+            )
+        )
+
     def effective(self, system: str, version: str | None) -> str | None:
         """The version pattern to resolve for an include of ``system|version``.
 
