@@ -165,3 +165,29 @@ def test_a_first_load_leaves_statistics_of_the_derived_tables(
             ("concept_designation", "concept_id"),
             ("value_set_member", "value_set_id"),
         ]
+
+
+def test_a_first_load_leaves_statistics_of_the_final_statuses(
+    postgresql: Engine, tmp_path: Path
+) -> None:
+    # value_set is analyzed while the load has every value set pending; statistics kept
+    # from then would have every later incremental refresh plan for all of them.
+    folder = _content(tmp_path / "content")
+    listed = {"include": [{"system": CS, "concept": [{"code": "a"}]}]}
+    # Four more value sets with a compose, two without (defined by reference).
+    for n, compose in enumerate([listed] * 4 + [None] * 2):
+        resource = {"resourceType": "ValueSet", "url": f"{VS}-{n}", "status": "active"}
+        if compose is not None:
+            resource["compose"] = compose
+        (folder / f"vs-{n}.json").write_text(json.dumps(resource))
+
+    load(postgresql, [folder])
+
+    with postgresql.connect() as connection:
+        common = connection.scalar(
+            sa.text(
+                "SELECT most_common_vals::text FROM pg_stats WHERE schemaname = 'tho' "
+                "AND tablename = 'value_set' AND attname = 'expansion_status'"
+            )
+        )
+    assert common == "{expanded,not-expandable}"
