@@ -37,8 +37,9 @@ _UUID = re.compile(r"urn:uuid:[0-9a-f-]{36}")
 
 
 class _AskedTwice(DatabaseOperations):
-    """Answers each $validate-code twice: the second answer comes from the facts the
-    first one kept (see thodb.scope), and must be the same."""
+    """Answers each $validate-code three times: the second answer is the one the first
+    call kept, the third is computed again (``Cache-Control: no-cache``) from the facts
+    the first one kept (see thodb.scope); both must be the first."""
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
@@ -49,13 +50,16 @@ class _AskedTwice(DatabaseOperations):
         self, request: JsonObject, *, headers: Mapping[str, str]
     ) -> tuple[int, JsonObject]:
         first = super().validate_code(request, headers=headers)
-        again = super().validate_code(request, headers=headers)
+        kept = super().validate_code(request, headers=headers)
+        computed = super().validate_code(
+            request, headers={**headers, "Cache-Control": "no-cache"}
+        )
         self.asked += 1
         # An inline value set without a url is named by a new urn:uuid each time.
-        if _UUID.sub("urn:uuid:", json.dumps(again)) != _UUID.sub(
-            "urn:uuid:", json.dumps(first)
-        ):
-            self.differing.append(json.dumps(request)[:300])
+        expected = _UUID.sub("urn:uuid:", json.dumps(first))
+        for again in (kept, computed):
+            if _UUID.sub("urn:uuid:", json.dumps(again)) != expected:
+                self.differing.append(json.dumps(request)[:300])
         return first
 
 

@@ -21,6 +21,7 @@ from conftest import SHARED
 from thodb import load as load_mod
 from thodb.db import session_scope
 from thodb.expand import expand, set_cache_budget
+from thodb.fhir.operations import RequestContext
 from thodb.query import ValidateOptions, validate_code
 
 TX = SHARED / "tx-tests"
@@ -278,3 +279,19 @@ def test_the_properties_an_expansion_shows_follow_the_loads(
     }
     assert expected  # the file gives some listed code a status
     assert statuses() == expected
+
+
+@pytest.mark.parametrize(
+    ("headers", "cache"),
+    [
+        ({}, True),
+        ({"Cache-Control": "max-age=60"}, True),
+        ({"cache-control": "max-age=0, No-Cache"}, False),
+        ({"Cache-Control": "no-store"}, False),
+    ],
+)
+def test_a_request_can_ask_for_answers_computed_again(
+    headers: dict[str, str], cache: bool
+) -> None:
+    # RFC 9111: no-cache asks for an answer not served from what was kept.
+    assert RequestContext.from_headers(headers).cache is cache

@@ -88,19 +88,26 @@ class RequestContext:
         the request has no ``displayLanguage``.
     :param too_costly_threshold: the largest expansion to return without paging
         (``X-TOO-COSTLY-THRESHOLD``, a header HL7's test suite sends).
+    :param cache: answer from the expansions and validate-code answers kept in the
+        process; ``Cache-Control: no-cache`` (or ``no-store``) computes them again.
     """
 
     accept_language: str | None = None
     too_costly_threshold: int | None = None
+    cache: bool = True
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, str]) -> RequestContext:
         """Read the headers thodb understands (names are case-insensitive)."""
         lowered = {name.lower(): value for name, value in headers.items()}
         threshold = lowered.get("x-too-costly-threshold", "").strip()
+        directives = {
+            d.strip().lower() for d in lowered.get("cache-control", "").split(",")
+        }
         return cls(
             accept_language=lowered.get("accept-language"),
             too_costly_threshold=int(threshold) if threshold.isdigit() else None,
+            cache=not directives & {"no-cache", "no-store"},
         )
 
 
@@ -313,7 +320,9 @@ def expand(
             else:
                 url, version = _value_set_reference(params)
             options = _expand_options(params, context)
-            expansion = expand_value_set(session, url, version, options=options)
+            expansion = expand_value_set(
+                session, url, version, options=options, cache=context.cache
+            )
         return 200, expansion_resource(
             expansion,
             parameters=params.echo(_EXPANSION_PARAMETERS),
@@ -536,7 +545,13 @@ def validate_code(
             options = _validate_options(params, context)
             try:
                 answer = query.validate_concept(
-                    session, url, codings, version=version, options=options, mode=mode
+                    session,
+                    url,
+                    codings,
+                    version=version,
+                    options=options,
+                    mode=mode,
+                    cache=context.cache,
                 )
             except ValueSetNotExpandable as error:
                 if error.issue.tx_type != "not-found":
