@@ -217,3 +217,82 @@ def test_recomputed_importers_keep_the_member_rows_that_did_not_change(
     full = databases.engine(engine_kind)
     load_mod.load(full, [seeds])
     assert _state(engine) == _state(full)
+
+
+_CS = "http://example.org/CodeSystem/graph"
+_VS = "http://example.org/ValueSet/graph-"
+
+
+def _graph_value_set(name: str, codes: list[str], imports: list[str]) -> dict[str, Any]:
+    include: list[dict[str, Any]] = []
+    if codes:
+        include.append({"system": _CS, "concept": [{"code": c} for c in codes]})
+    include += [{"valueSet": [_VS + other]} for other in imports]
+    return {
+        "resourceType": "ValueSet",
+        "url": _VS + name,
+        "status": "active",
+        "compose": {"include": include},
+    }
+
+
+def test_loads_that_change_the_import_graph_end_where_a_full_load_ends(
+    databases: Databases, engine_kind: str, tmp_path: Path
+) -> None:
+    # Each step loads one file into the same database; its value sets' outcomes are
+    # what the files say, and the whole state is that of a new database loaded with
+    # all the files of that step at once. An incremental refresh checks only the
+    # value sets a load reaches and what they import.
+    folder = tmp_path / "content"
+    folder.mkdir()
+    code_system = {
+        "resourceType": "CodeSystem",
+        "url": _CS,
+        "status": "active",
+        "content": "complete",
+        "concept": [{"code": c, "display": c.upper()} for c in "abc"],
+    }
+    (folder / "cs.json").write_text(json.dumps(code_system))
+
+    def write(name: str, codes: list[str], imports: list[str]) -> Path:
+        path = folder / f"vs-{name}.json"
+        path.write_text(json.dumps(_graph_value_set(name, codes, imports)))
+        return path
+
+    write("a", ["a"], ["b"])
+    write("b", ["b"], [])
+    write("c", [], ["a"])
+    write("d", [], ["e"])  # e is not loaded yet
+    incremental = databases.engine(engine_kind)
+    load_mod.load(incremental, [folder])
+
+    def outcome(name: str) -> tuple[str, str | None, set[str]]:
+        state = _state(incremental)[(_VS + name, None)]
+        return state[0], state[1], {member[1] for member in state[4]}
+
+    def same_as_a_full_load() -> None:
+        full = databases.engine(engine_kind)
+        load_mod.load(full, [folder])
+        assert _state(incremental) == _state(full)
+
+    assert outcome("c") == ("expanded", None, {"a", "b"})
+    assert outcome("d")[0] == "not-expandable" and "not loaded" in str(outcome("d")[1])
+
+    # The import of d is loaded: d can be expanded; e and d are all it recomputes.
+    summary = load_mod.load(incremental, [write("e", ["c"], [])])
+    assert summary.refresh is not None and summary.refresh.recomputed == 2
+    assert outcome("d") == ("expanded", None, {"c"})
+    same_as_a_full_load()
+
+    # b now imports c: a -> b -> c -> a is a cycle; d and e are not part of it.
+    load_mod.load(incremental, [write("b", ["b"], ["c"])], replace=True)
+    for name in "abc":
+        status, error, _ = outcome(name)
+        assert status == "not-expandable" and "import cycle" in str(error)
+    assert outcome("d") == ("expanded", None, {"c"})
+    same_as_a_full_load()
+
+    # b imports e instead: the cycle is gone.
+    load_mod.load(incremental, [write("b", ["b"], ["e"])], replace=True)
+    assert outcome("c") == ("expanded", None, {"a", "b", "c"})
+    same_as_a_full_load()

@@ -477,6 +477,8 @@ _SAFE_BY_MODULE = {
     "reporting.py": frozenset({"quoted", "name", "signature"}),
     # Test databases named from a counter and a random run id.
     "conformance/operations.py": frozenset({"name"}),
+    # Conditions that a column (a fixed name) is one of the ids bound as :ids.
+    "refresh.py": frozenset({"of_set", "of_rule", "where", "column", "seeds="}),
 }
 
 #: Keywords sql.render fills into statement templates (fixed fragments: the schema

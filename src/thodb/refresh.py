@@ -23,7 +23,8 @@ every value set that imports one of them; on a first load, all):
 
 Steps 3 and 4 are limited to the affected value sets (marked ``pending``); the others
 keep their rows, since a value set's pass and members depend only on what it imports.
-Every recomputation replaces the token in ``refresh_state``.
+Step 2 reads only the affected value sets and what they import, directly or not (all
+of them on a first load). Every recomputation replaces the token in ``refresh_state``.
 
 A request that asks for other code system versions (``force-system-version``,
 ``system-version``) is answered inside :func:`version_scope`: the membership is
@@ -32,6 +33,7 @@ recomputed under its rules in a savepoint that is rolled back afterwards.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections import defaultdict
@@ -125,11 +127,31 @@ class _Node:
         return self.problem.text if self.problem else None
 
 
-def _diagnose(session: Session) -> dict[int, _Node]:
+def _diagnose(session: Session, only: set[int] | None = None) -> dict[int, _Node]:
+    """The import graph of every value set, or of the value sets ``only`` (which must
+    hold every value set that one of them imports), with each one's problem.
+
+    A value set's pass and problem depend only on what it imports, so those of a set
+    closed under imports are the ones the whole graph gives them.
+    """
+    # Each statement reads the value sets, or the rules, of ``only`` (bound as :ids).
+    p = schema_prefix(session)
+    if only is None:
+        ids: dict[str, object] = {}
+        of_set = of_rule = of_system = ""
+    else:
+        ids = {"ids": _bound_ids(session, only)}
+        of_set = "WHERE " + _id_in_bound(session, "id")
+        of_rule = "WHERE " + _id_in_bound(session, "r.value_set_id")
+        of_system = (
+            f"WHERE code_system_id IN "
+            f"(SELECT r.code_system_id FROM {p}compose_rule r {of_rule})"
+        )
     nodes = {
         row.id: _Node(row.id, row.url, row.version, row.has_compose)
         for row in session.execute(
-            sa.select(ValueSet.id, ValueSet.url, ValueSet.version, ValueSet.has_compose)
+            sa.text(f"SELECT id, url, version, has_compose FROM {p}value_set {of_set}"),
+            ids,
         )
     }
     for node in nodes.values():
@@ -141,7 +163,6 @@ def _diagnose(session: Session) -> dict[int, _Node]:
                 "vs-invalid",
             )
 
-    p = schema_prefix(session)
     rules = session.execute(
         sa.text(
             f"""
@@ -149,27 +170,32 @@ def _diagnose(session: Session) -> dict[int, _Node]:
                    r.import_count, r.code_system_id,
                    EXISTS (SELECT 1 FROM {p}compose_concept k WHERE k.rule_id = r.id)
                        AS has_concepts
-            FROM {p}compose_rule r ORDER BY r.id
+            FROM {p}compose_rule r {of_rule} ORDER BY r.id
             """
-        )
+        ),
+        ids,
     ).all()
     filters = defaultdict(list)
     for row in session.execute(
         sa.text(
-            f"SELECT rule_id, position, property, op, value FROM {p}compose_filter "
-            "ORDER BY rule_id, position"
-        )
+            f"SELECT f.rule_id, f.position, f.property, f.op, f.value "
+            f"FROM {p}compose_filter f JOIN {p}compose_rule r ON r.id = f.rule_id "
+            f"{of_rule} ORDER BY f.rule_id, f.position"
+        ),
+        ids,
     ):
         filters[row.rule_id].append(row)
     imports = defaultdict(list)
     for row in session.execute(
         sa.text(
-            f"SELECT rule_id, url, version, value_set_id FROM {p}compose_import "
-            "ORDER BY rule_id, position"
-        )
+            f"SELECT i.rule_id, i.url, i.version, i.value_set_id "
+            f"FROM {p}compose_import i JOIN {p}compose_rule r ON r.id = i.rule_id "
+            f"{of_rule} ORDER BY i.rule_id, i.position"
+        ),
+        ids,
     ):
         imports[row.rule_id].append(row)
-    known = _known_properties(session)
+    known = _known_properties(session, of_system, ids)
 
     for rule in rules:
         node = nodes[rule.value_set_id]
@@ -191,23 +217,42 @@ def _diagnose(session: Session) -> dict[int, _Node]:
     return nodes
 
 
-def _known_properties(session: Session) -> dict[int, set[str]]:
+def _known_properties(
+    session: Session, where: str = "", ids: dict[str, object] | None = None
+) -> dict[int, set[str]]:
     # A filter property is understood when the code system declares it or when any of
-    # its concepts carries it (THO code systems do not always declare theirs).
+    # its concepts carries it (THO code systems do not always declare theirs). ``where``
+    # limits the code systems (by ``code_system_id``).
     p = schema_prefix(session)
     known: dict[int, set[str]] = defaultdict(set)
     for row in session.execute(
         sa.text(
             f"""
-            SELECT code_system_id, code FROM {p}code_system_property
+            SELECT code_system_id, code FROM {p}code_system_property {where}
             UNION
-            SELECT c.code_system_id, cp.code
-            FROM {p}concept_property cp JOIN {p}concept c ON c.id = cp.concept_id
+            SELECT code_system_id, code FROM (
+                SELECT c.code_system_id, cp.code
+                FROM {p}concept_property cp JOIN {p}concept c ON c.id = cp.concept_id
+            ) carried {where}
             """
-        )
+        ),
+        ids or {},
     ):
         known[row.code_system_id].add(row.code)
     return known
+
+
+def _bound_ids(session: Session, ids: set[int]) -> object:
+    """``ids`` as the value of the ``:ids`` of :func:`_id_in_bound`."""
+    return json.dumps(sorted(ids)) if is_sqlite(session) else sorted(ids)
+
+
+def _id_in_bound(session: Session, column: str) -> str:
+    """SQL: ``column`` is one of the ids bound as ``:ids`` (a JSON array on SQLite, an
+    array on PostgreSQL), whatever their number."""
+    if is_sqlite(session):
+        return f"{column} IN (SELECT value FROM json_each(:ids))"
+    return f"{column} = ANY(CAST(:ids AS INTEGER[]))"
 
 
 def _rule_problem(
@@ -498,20 +543,45 @@ def _update_by_id(
     )
 
 
-def _importers(nodes: dict[int, _Node], seeds: set[int]) -> set[int]:
-    """``seeds`` and every value set that imports one of them, directly or not."""
-    imported_by: dict[int, list[int]] = defaultdict(list)
-    for node in nodes.values():
-        for target, _ in node.edges:
-            imported_by[target].append(node.id)
-    found = {seed for seed in seeds if seed in nodes}
-    work = list(found)
-    while work:
-        for importer in imported_by[work.pop()]:
-            if importer not in found:
-                found.add(importer)
-                work.append(importer)
-    return found
+def _reached(session: Session, template: str, seeds: set[int]) -> set[int]:
+    """The value sets of ``seeds`` that are loaded, and those :data:`_IMPORTERS` or
+    :data:`_IMPORTED` reaches from them."""
+    if not seeds:
+        return set()
+    statement = template.format(
+        p=schema_prefix(session), seeds=_id_in_bound(session, "id")
+    )
+    return set(session.scalars(sa.text(statement), {"ids": _bound_ids(session, seeds)}))
+
+
+# The seeds and every value set that imports one of them, directly or not (through
+# includes and excludes): what a change of the seeds changes.
+_IMPORTERS = """
+WITH RECURSIVE reached(value_set_id) AS (
+    SELECT id FROM {p}value_set WHERE {seeds}
+    UNION
+    SELECT r.value_set_id
+    FROM reached t
+    JOIN {p}compose_import i ON i.value_set_id = t.value_set_id
+    JOIN {p}compose_rule r ON r.id = i.rule_id
+)
+SELECT value_set_id FROM reached
+"""
+
+# The seeds and every value set they import, directly or not: what their passes and
+# problems depend on.
+_IMPORTED = """
+WITH RECURSIVE reached(value_set_id) AS (
+    SELECT id FROM {p}value_set WHERE {seeds}
+    UNION
+    SELECT i.value_set_id
+    FROM reached t
+    JOIN {p}compose_rule r ON r.value_set_id = t.value_set_id
+    JOIN {p}compose_import i ON i.rule_id = r.id
+    WHERE i.value_set_id IS NOT NULL
+)
+SELECT value_set_id FROM reached
+"""
 
 
 def _analyze_if_grown(session: Session, table: str, written: int) -> None:
@@ -602,15 +672,23 @@ def _recompute(session: Session, rules: VersionRules | None) -> RefreshSummary:
     # What a load wrote is pending; what resolves differently now, and everything that
     # imports either, is recomputed with it. Nothing else changes.
     changed = _resolve(session, rules or VersionRules())
-    nodes = _diagnose(session)
-    strata = _strata(nodes)
     pending = set(
         session.scalars(
             sa.select(ValueSet.id).where(ValueSet.expansion_status == "pending")
         )
     )
-    affected = _importers(nodes, pending | changed)
-    everything = len(affected) == len(nodes)
+    affected = _reached(session, _IMPORTERS, pending | changed)
+    total = session.scalar(sa.select(sa.func.count()).select_from(ValueSet)) or 0
+    everything = len(affected) == total
+    # The graph check and the passes of the affected value sets need only what they
+    # import, directly or not: on an incremental refresh a few value sets of thousands.
+    if everything:
+        nodes = _diagnose(session)
+    elif affected:
+        nodes = _diagnose(session, _reached(session, _IMPORTED, affected))
+    else:
+        nodes = {}
+    strata = _strata(nodes)
     if affected:
         _update_by_id(
             session,
@@ -690,19 +768,16 @@ def _recompute(session: Session, rules: VersionRules | None) -> RefreshSummary:
             _analyze_if_grown(session, "value_set", len(affected))
     # Every expanded value set's member_count is its rows' (set above when it was
     # recomputed): summing them reads 3,999 rows instead of counting 101,778.
-    members = (
-        session.scalar(
-            sa.select(sa.func.sum(ValueSet.member_count)).where(
-                ValueSet.expansion_status == "expanded"
-            )
+    expanded, members = session.execute(
+        sa.select(sa.func.count(), sa.func.sum(ValueSet.member_count)).where(
+            ValueSet.expansion_status == "expanded"
         )
-        or 0
-    )
+    ).one()
     session.execute(sa.update(RefreshState).values(token=uuid.uuid4().hex))
     summary = RefreshSummary(
-        expanded=len(strata),
-        not_expandable=len(nodes) - len(strata),
-        members=members,
+        expanded=expanded,
+        not_expandable=total - expanded,
+        members=members or 0,
         passes=passes,
         recomputed=len(affected),
     )
@@ -853,7 +928,7 @@ def _changes_any(session: Session, rules: VersionRules) -> bool:
 
 def problem_of(session: Session, value_set: ValueSet) -> Issue:
     """The issue that says why ``value_set`` cannot be expanded."""
-    nodes = _diagnose(session)
+    nodes = _diagnose(session, _reached(session, _IMPORTED, {value_set.id}))
     _strata(nodes)
     node = nodes.get(value_set.id)
     if node is None or node.problem is None:
