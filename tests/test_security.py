@@ -478,7 +478,8 @@ _SAFE_BY_MODULE = {
     # Test databases named from a counter and a random run id.
     "conformance/operations.py": frozenset({"name"}),
     # Conditions that a column (a fixed name) is one of the ids bound as :ids.
-    "refresh.py": frozenset({"of_set", "of_rule", "where", "column", "seeds="}),
+    "refresh.py": frozenset({"of_set", "of_rule", "where"}),
+    "sql.py": frozenset({"column"}),
 }
 
 #: Keywords sql.render fills into statement templates (fixed fragments: the schema
@@ -494,6 +495,7 @@ _TEMPLATE_FIELDS = frozenset(
         "only_targets",
         "by_rule",
         "into",
+        "seeds",
     }
 )
 

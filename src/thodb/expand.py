@@ -223,7 +223,8 @@ def closure(session: Session, value_set_id: int) -> list[int]:
     return [
         row[0]
         for row in session.execute(
-            sql.render(session, sql.CLOSURE), {"value_set_id": value_set_id}
+            sql.render(session, sql.CLOSURE),
+            {"ids": sql.bound_ids(session, [value_set_id])},
         )
     ]
 

@@ -33,7 +33,6 @@ recomputed under its rules in a savepoint that is rolled back afterwards.
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from collections import defaultdict
@@ -140,9 +139,9 @@ def _diagnose(session: Session, only: set[int] | None = None) -> dict[int, _Node
         ids: dict[str, object] = {}
         of_set = of_rule = of_system = ""
     else:
-        ids = {"ids": _bound_ids(session, only)}
-        of_set = "WHERE " + _id_in_bound(session, "id")
-        of_rule = "WHERE " + _id_in_bound(session, "r.value_set_id")
+        ids = {"ids": sql.bound_ids(session, only)}
+        of_set = "WHERE " + sql.id_in_bound(session, "id")
+        of_rule = "WHERE " + sql.id_in_bound(session, "r.value_set_id")
         of_system = (
             f"WHERE code_system_id IN "
             f"(SELECT r.code_system_id FROM {p}compose_rule r {of_rule})"
@@ -240,19 +239,6 @@ def _known_properties(
     ):
         known[row.code_system_id].add(row.code)
     return known
-
-
-def _bound_ids(session: Session, ids: set[int]) -> object:
-    """``ids`` as the value of the ``:ids`` of :func:`_id_in_bound`."""
-    return json.dumps(sorted(ids)) if is_sqlite(session) else sorted(ids)
-
-
-def _id_in_bound(session: Session, column: str) -> str:
-    """SQL: ``column`` is one of the ids bound as ``:ids`` (a JSON array on SQLite, an
-    array on PostgreSQL), whatever their number."""
-    if is_sqlite(session):
-        return f"{column} IN (SELECT value FROM json_each(:ids))"
-    return f"{column} = ANY(CAST(:ids AS INTEGER[]))"
 
 
 def _rule_problem(
@@ -544,44 +530,15 @@ def _update_by_id(
 
 
 def _reached(session: Session, template: str, seeds: set[int]) -> set[int]:
-    """The value sets of ``seeds`` that are loaded, and those :data:`_IMPORTERS` or
-    :data:`_IMPORTED` reaches from them."""
+    """``seeds`` and the value sets :data:`thodb.sql.IMPORTERS` or
+    :data:`thodb.sql.CLOSURE` reaches from them."""
     if not seeds:
         return set()
-    statement = template.format(
-        p=schema_prefix(session), seeds=_id_in_bound(session, "id")
+    return set(
+        session.scalars(
+            sql.render(session, template), {"ids": sql.bound_ids(session, seeds)}
+        )
     )
-    return set(session.scalars(sa.text(statement), {"ids": _bound_ids(session, seeds)}))
-
-
-# The seeds and every value set that imports one of them, directly or not (through
-# includes and excludes): what a change of the seeds changes.
-_IMPORTERS = """
-WITH RECURSIVE reached(value_set_id) AS (
-    SELECT id FROM {p}value_set WHERE {seeds}
-    UNION
-    SELECT r.value_set_id
-    FROM reached t
-    JOIN {p}compose_import i ON i.value_set_id = t.value_set_id
-    JOIN {p}compose_rule r ON r.id = i.rule_id
-)
-SELECT value_set_id FROM reached
-"""
-
-# The seeds and every value set they import, directly or not: what their passes and
-# problems depend on.
-_IMPORTED = """
-WITH RECURSIVE reached(value_set_id) AS (
-    SELECT id FROM {p}value_set WHERE {seeds}
-    UNION
-    SELECT i.value_set_id
-    FROM reached t
-    JOIN {p}compose_rule r ON r.value_set_id = t.value_set_id
-    JOIN {p}compose_import i ON i.rule_id = r.id
-    WHERE i.value_set_id IS NOT NULL
-)
-SELECT value_set_id FROM reached
-"""
 
 
 def _analyze_if_grown(session: Session, table: str, written: int) -> None:
@@ -677,7 +634,7 @@ def _recompute(session: Session, rules: VersionRules | None) -> RefreshSummary:
             sa.select(ValueSet.id).where(ValueSet.expansion_status == "pending")
         )
     )
-    affected = _reached(session, _IMPORTERS, pending | changed)
+    affected = _reached(session, sql.IMPORTERS, pending | changed)
     total = session.scalar(sa.select(sa.func.count()).select_from(ValueSet)) or 0
     everything = len(affected) == total
     # The graph check and the passes of the affected value sets need only what they
@@ -685,7 +642,7 @@ def _recompute(session: Session, rules: VersionRules | None) -> RefreshSummary:
     if everything:
         nodes = _diagnose(session)
     elif affected:
-        nodes = _diagnose(session, _reached(session, _IMPORTED, affected))
+        nodes = _diagnose(session, _reached(session, sql.CLOSURE, affected))
     else:
         nodes = {}
     strata = _strata(nodes)
@@ -928,7 +885,7 @@ def _changes_any(session: Session, rules: VersionRules) -> bool:
 
 def problem_of(session: Session, value_set: ValueSet) -> Issue:
     """The issue that says why ``value_set`` cannot be expanded."""
-    nodes = _diagnose(session, _reached(session, _IMPORTED, {value_set.id}))
+    nodes = _diagnose(session, _reached(session, sql.CLOSURE, {value_set.id}))
     _strata(nodes)
     node = nodes.get(value_set.id)
     if node is None or node.problem is None:

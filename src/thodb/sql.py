@@ -15,7 +15,8 @@ intersected. ``is-a`` includes the code itself, ``descendent-of`` does not.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+import json
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import Connection, Engine, TextClause, text
@@ -122,8 +123,28 @@ def _render(p: str, template: str, pending_only: bool) -> TextClause:
             regex_code=regex_match(sqlite, "c.code", "f.value"),
             regex_display=regex_match(sqlite, "c.display", "f.value"),
             regex_property=regex_match(sqlite, "cp.value", "f.value"),
+            seeds=(
+                "SELECT value FROM json_each(:ids)"
+                if sqlite
+                else "SELECT unnest(CAST(:ids AS INTEGER[]))"
+            ),
         )
     )
+
+
+def bound_ids(bind: Session | Connection, ids: Iterable[int]) -> object:
+    """``ids`` as the value of the ``:ids`` parameter of :func:`id_in_bound` and of the
+    ``{seeds}`` of :data:`CLOSURE` and :data:`IMPORTERS`: a JSON array on SQLite, an
+    array on PostgreSQL (one parameter, whatever the number of ids)."""
+    listed = sorted(ids)
+    return json.dumps(listed) if not schema_prefix(bind) else listed
+
+
+def id_in_bound(bind: Session | Connection, column: str) -> str:
+    """SQL: ``column`` (a fixed name) is one of the ids bound as ``:ids``."""
+    if not schema_prefix(bind):  # SQLite
+        return f"{column} IN (SELECT value FROM json_each(:ids))"
+    return f"{column} = ANY(CAST(:ids AS INTEGER[]))"
 
 
 # The system part of every rule, as rows of compose_rule_code. Hierarchy filters walk
@@ -586,12 +607,13 @@ GROUP BY m.system, m.code
 """
 )
 
-#: Ids of value set ``:value_set_id`` and of every value set it imports, directly or
-#: through others (includes and excludes). UNION stops at value sets already reached,
-#: so a diamond is walked once and a cycle (refused before expansion) ends.
+#: Ids of the value sets bound as ``:ids`` (:func:`bound_ids`) and of every value set
+#: they import, directly or through others (includes and excludes). UNION stops at
+#: value sets already reached, so a diamond is walked once and a cycle (refused before
+#: expansion) ends.
 CLOSURE = """
 WITH RECURSIVE closure(value_set_id) AS (
-    SELECT CAST(:value_set_id AS INTEGER)
+    {seeds}
     UNION
     SELECT i.value_set_id
     FROM closure c
@@ -600,4 +622,18 @@ WITH RECURSIVE closure(value_set_id) AS (
     WHERE i.value_set_id IS NOT NULL
 )
 SELECT value_set_id FROM closure
+"""
+
+#: Ids of the value sets bound as ``:ids`` and of every value set that imports one of
+#: them, directly or through others: what a change of those value sets changes.
+IMPORTERS = """
+WITH RECURSIVE importers(value_set_id) AS (
+    {seeds}
+    UNION
+    SELECT r.value_set_id
+    FROM importers t
+    JOIN {p}compose_import i ON i.value_set_id = t.value_set_id
+    JOIN {p}compose_rule r ON r.id = i.rule_id
+)
+SELECT value_set_id FROM importers
 """
