@@ -898,6 +898,7 @@ def validate_coding(
 
     :param mode: ``coding`` (issues name ``Coding.code``...) or ``code`` (issues name
         ``code``, ``system``...).
+    :param cache: see :func:`validate_code`.
     :raises ValueSetNotFound: see :func:`validate_code`.
     """
     return validate_concept(
@@ -917,6 +918,7 @@ def validate_concept(
 ) -> Validation:
     """Validate a ``CodeableConcept`` (valid when one of its codings is).
 
+    :param cache: see :func:`validate_code`.
     :raises ValueSetNotFound: see :func:`validate_code`.
     """
     options = options or _NO_OPTIONS
