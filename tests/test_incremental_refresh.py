@@ -296,3 +296,67 @@ def test_loads_that_change_the_import_graph_end_where_a_full_load_ends(
     load_mod.load(incremental, [write("b", ["b"], ["e"])], replace=True)
     assert outcome("c") == ("expanded", None, {"a", "b", "c"})
     same_as_a_full_load()
+
+
+def test_a_new_version_loaded_later_is_what_existing_includes_resolve_to(
+    databases: Databases, engine_kind: str, tmp_path: Path
+) -> None:
+    # An include and an import that name no version resolve to the newest loaded
+    # (R5 valueset.html#compose): a later load of a newer version changes what the
+    # value sets already there contain, although the load does not touch them.
+    folder = tmp_path / "content"
+    folder.mkdir()
+
+    def code_system(version: str, codes: str) -> dict[str, Any]:
+        return {
+            "resourceType": "CodeSystem",
+            "url": _CS,
+            "version": version,
+            "status": "active",
+            "content": "complete",
+            "concept": [{"code": c} for c in codes],
+        }
+
+    whole = {"include": [{"system": _CS}]}
+    imported = {
+        "resourceType": "ValueSet",
+        "url": _VS + "imported",
+        "version": "1",
+        "status": "active",
+        "compose": {"include": [{"system": _CS, "concept": [{"code": "a"}]}]},
+    }
+    importer = _graph_value_set("importer", [], ["imported"])
+    every = {"resourceType": "ValueSet", "url": _VS + "all", "status": "active"}
+    for name, resource in (
+        ("cs-1", code_system("1", "ab")),
+        ("imported-1", imported),
+        ("importer", importer),
+        ("all", {**every, "compose": whole}),
+    ):
+        (folder / f"{name}.json").write_text(json.dumps(resource))
+    engine = databases.engine(engine_kind)
+    load_mod.load(engine, [folder])
+
+    def codes(url: str) -> set[str]:
+        state = _state(engine)
+        key = next(k for k in state if k[0] == url)
+        return {member[1] for member in state[key][4]}
+
+    assert codes(_VS + "all") == {"a", "b"}
+    assert codes(_VS + "importer") == {"a"}
+
+    newer_cs = folder / "cs-2.json"
+    newer_cs.write_text(json.dumps(code_system("2", "abc")))
+    load_mod.load(engine, [newer_cs])
+    assert codes(_VS + "all") == {"a", "b", "c"}
+
+    newer_vs = folder / "imported-2.json"
+    imported["version"] = "2"
+    imported["compose"]["include"][0]["concept"] = [{"code": "b"}]
+    newer_vs.write_text(json.dumps(imported))
+    load_mod.load(engine, [newer_vs])
+    assert codes(_VS + "importer") == {"b"}
+
+    full = databases.engine(engine_kind)
+    load_mod.load(full, [folder])
+    assert _state(engine) == _state(full)

@@ -396,10 +396,28 @@ def id_in(
         if is_sqlite(session):
             return column.in_(ids)
         return column == sa.any_(sa.func.array(ids.scalar_subquery()))
+    return _listed_in(session, column, list(ids), sa.Integer())
+
+
+def text_in(
+    session: Session,
+    column: InstrumentedAttribute[str] | InstrumentedAttribute[str | None],
+    values: Collection[str],
+) -> sa.ColumnElement[bool]:
+    """``column`` holds one of ``values``, bound as one parameter (see :func:`id_in`)."""
+    return _listed_in(session, column, sorted(values), sa.Text())
+
+
+def _listed_in(
+    session: Session,
+    column: InstrumentedAttribute[Any],
+    values: list[Any],
+    type_: sa.types.TypeEngine[Any],
+) -> sa.ColumnElement[bool]:
     if is_sqlite(session):
-        listed = sa.func.json_each(json.dumps(list(ids))).table_valued("value")
+        listed = sa.func.json_each(json.dumps(values)).table_valued("value")
         return column.in_(sa.select(listed.c.value))
-    return column == sa.any_(sa.bindparam(None, list(ids), type_=ARRAY(sa.Integer)))
+    return column == sa.any_(sa.bindparam(None, values, type_=ARRAY(type_)))
 
 
 def _designations(session: Session, ids: Ids) -> Iterator[tuple[int, Designation]]:

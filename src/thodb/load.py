@@ -50,6 +50,7 @@ from thodb.models import (
 from thodb.refresh import (
     ANALYZE_SCALE,
     RefreshSummary,
+    Written,
     foreign_keys,
     keys_checked_after,
     known_rows,
@@ -133,12 +134,12 @@ def load(
             ensure_schema(session.connection())
             first = _first_load(session)
             with keys_checked_after(session, _WRITTEN_FOREIGN_KEYS, first):
-                _write(session, records, replace, summary, progress)
+                written = _write(session, records, replace, summary, progress)
             if summary.changed:
                 if progress:
                     progress("expand", 0)
                 _prepare_refresh(session, summary)
-                summary.refresh = refresh(session)
+                summary.refresh = refresh(session, written=written)
     return summary
 
 
@@ -167,10 +168,10 @@ def load_resources(
     )
     records = _parse(found, canonical_base, summary, None, counts)
     lock_for_load(session)
-    _write(session, records, replace, summary, None)
+    written = _write(session, records, replace, summary, None)
     if summary.changed:
         _prepare_refresh(session, summary)
-        summary.refresh = refresh(session)
+        summary.refresh = refresh(session, written=written)
     return summary
 
 
@@ -325,7 +326,8 @@ def _write(
     replace: bool,
     summary: LoadSummary,
     progress: Progress | None,
-) -> None:
+) -> Written:
+    """Write the records that are new or changed; return the urls of what was written."""
     existing = _existing(session)
     code_systems: list[CodeSystemRecord] = []
     value_sets: list[ValueSetRecord] = []
@@ -390,6 +392,9 @@ def _write(
         written += len(vs_batch)
         if progress:
             progress("write", written)
+    return Written(
+        frozenset(r.url for r in code_systems), frozenset(r.url for r in value_sets)
+    )
 
 
 def _batches(items: list[T], size: int) -> Iterator[list[T]]:

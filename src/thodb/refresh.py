@@ -7,7 +7,8 @@ every value set that imports one of them; on a first load, all):
 1. each rule's ``system|version`` and each imported ``url|version`` is resolved to a
    loaded resource (the newest version a version or pattern selects, see
    :mod:`thodb.versions`; a request's :class:`~thodb.versions.VersionRules` may say
-   otherwise);
+   otherwise); after a load, only those of the value sets it wrote and those naming a
+   url it wrote (:class:`Written`);
 2. the import graph is checked (no compose, an import that is not loaded, a cycle, a code
    system that a whole-system or filter rule needs and that is not loaded, a filter that
    cannot be evaluated); a value set that imports one that cannot be expanded cannot be
@@ -45,7 +46,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
-from thodb import sql, sqlfunctions, versions
+from thodb import concepts, sql, sqlfunctions, versions
 from thodb.canonical import canonical
 from thodb.db import is_sqlite, schema_prefix
 from thodb.models import (
@@ -93,6 +94,16 @@ class RefreshSummary:
     #: code systems or imports now resolve differently, and every value set that
     #: imports one of them (directly or not).
     recomputed: int = 0
+
+
+@dataclass(frozen=True)
+class Written:
+    """The urls of the code systems and value sets a load wrote (added or replaced):
+    what the includes and imports of the value sets already there may now resolve
+    to."""
+
+    code_systems: frozenset[str] = frozenset()
+    value_sets: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -437,29 +448,50 @@ def _pick(candidates: list[tuple[int, str | None]], pattern: str | None) -> int 
     return next(id_ for id_, version in candidates if version == picked)
 
 
-def _resolve(session: Session, rules: VersionRules) -> set[int]:
+def _resolve(
+    session: Session,
+    rules: VersionRules,
+    written: Written | None = None,
+    pending: set[int] | None = None,
+) -> set[int]:
     """Point each rule at its code system and each import at its value set (step 1).
+
+    With ``written`` (and no ``rules``), only the rules that name a code system the
+    load wrote and the imports that name a value set it wrote are resolved again, with
+    every rule and import of the ``pending`` value sets: the others name resources
+    whose versions did not change, so they resolve as before.
 
     :return: the ids of the value sets with a rule or import that now points elsewhere.
     """
+    only = written is not None and not rules
     changed: set[int] = set()
-    systems: dict[str, list[tuple[int, str | None]]] = defaultdict(list)
-    for row in session.execute(
-        sa.select(CodeSystem.id, CodeSystem.url, CodeSystem.version).where(
-            sa.func.coalesce(CodeSystem.content, "") != "supplement"
+    rule_rows = sa.select(
+        ComposeRule.id,
+        ComposeRule.value_set_id,
+        ComposeRule.system,
+        ComposeRule.version,
+        ComposeRule.code_system_id,
+    ).where(ComposeRule.system.is_not(None))
+    if only:
+        assert written is not None
+        rule_rows = rule_rows.where(
+            sa.or_(
+                concepts.text_in(session, ComposeRule.system, written.code_systems),
+                concepts.id_in(session, ComposeRule.value_set_id, pending or ()),
+            )
         )
-    ):
+    found_rules = session.execute(rule_rows).all()
+    candidates = sa.select(CodeSystem.id, CodeSystem.url, CodeSystem.version).where(
+        sa.func.coalesce(CodeSystem.content, "") != "supplement"
+    )
+    if only:
+        named = {str(rule.system) for rule in found_rules}
+        candidates = candidates.where(concepts.text_in(session, CodeSystem.url, named))
+    systems: dict[str, list[tuple[int, str | None]]] = defaultdict(list)
+    for row in session.execute(candidates):
         systems[row.url].append((row.id, row.version))
     updates = []
-    for rule in session.execute(
-        sa.select(
-            ComposeRule.id,
-            ComposeRule.value_set_id,
-            ComposeRule.system,
-            ComposeRule.version,
-            ComposeRule.code_system_id,
-        ).where(ComposeRule.system.is_not(None))
-    ):
+    for rule in found_rules:
         system = str(rule.system)
         target = _pick(systems.get(system, []), rules.effective(system, rule.version))
         if target != rule.code_system_id:
@@ -469,19 +501,31 @@ def _resolve(session: Session, rules: VersionRules) -> set[int]:
         _update_by_id(session, ComposeRule, updates)
         _analyze_if_grown(session, "compose_rule", len(updates))
 
+    import_rows = sa.select(
+        ComposeImport.id,
+        ComposeImport.url,
+        ComposeImport.version,
+        ComposeImport.value_set_id,
+        ComposeRule.value_set_id.label("importer"),
+    ).join(ComposeRule, ComposeRule.id == ComposeImport.rule_id)
+    if only:
+        assert written is not None
+        import_rows = import_rows.where(
+            sa.or_(
+                concepts.text_in(session, ComposeImport.url, written.value_sets),
+                concepts.id_in(session, ComposeRule.value_set_id, pending or ()),
+            )
+        )
+    found_imports = session.execute(import_rows).all()
+    targets = sa.select(ValueSet.id, ValueSet.url, ValueSet.version)
+    if only:
+        named = {imp.url for imp in found_imports}
+        targets = targets.where(concepts.text_in(session, ValueSet.url, named))
     value_sets: dict[str, list[tuple[int, str | None]]] = defaultdict(list)
-    for vs in session.execute(sa.select(ValueSet.id, ValueSet.url, ValueSet.version)):
+    for vs in session.execute(targets):
         value_sets[vs.url].append((vs.id, vs.version))
     updates = []
-    for imp in session.execute(
-        sa.select(
-            ComposeImport.id,
-            ComposeImport.url,
-            ComposeImport.version,
-            ComposeImport.value_set_id,
-            ComposeRule.value_set_id.label("importer"),
-        ).join(ComposeRule, ComposeRule.id == ComposeImport.rule_id)
-    ):
+    for imp in found_imports:
         target = _pick(value_sets.get(imp.url, []), imp.version)
         if target != imp.value_set_id:
             updates.append({"id": imp.id, "value_set_id": target})
@@ -604,7 +648,12 @@ DELETE FROM {p}value_set_member WHERE value_set_id IN (
 """
 
 
-def refresh(session: Session, *, rules: VersionRules | None = None) -> RefreshSummary:
+def refresh(
+    session: Session,
+    *,
+    rules: VersionRules | None = None,
+    written: Written | None = None,
+) -> RefreshSummary:
     """Recompute the membership of the value sets a load affects (see the module
     docstring): those it wrote (``pending``), those whose includes or imports now
     resolve to other rows, and every value set that imports one of them. A first load
@@ -617,23 +666,28 @@ def refresh(session: Session, *, rules: VersionRules | None = None) -> RefreshSu
     :param rules: code system versions to resolve includes to instead of the ones
         the value sets name (a request's ``force-system-version`` and
         ``system-version``); only for membership that is rolled back afterwards.
+    :param written: what the load wrote, when the caller knows it: the includes and
+        imports of the other value sets are then resolved again only where they name
+        one of those resources. ``None`` resolves every include and import.
     """
     with sql.without_jit(session):
-        return _recompute(session, rules)
+        return _recompute(session, rules, written)
 
 
-def _recompute(session: Session, rules: VersionRules | None) -> RefreshSummary:
+def _recompute(
+    session: Session, rules: VersionRules | None, written: Written | None
+) -> RefreshSummary:
     session.flush()
     _serialize(session)
     sqlfunctions.ensure(session)
     # What a load wrote is pending; what resolves differently now, and everything that
     # imports either, is recomputed with it. Nothing else changes.
-    changed = _resolve(session, rules or VersionRules())
     pending = set(
         session.scalars(
             sa.select(ValueSet.id).where(ValueSet.expansion_status == "pending")
         )
     )
+    changed = _resolve(session, rules or VersionRules(), written, pending)
     affected = _reached(session, sql.IMPORTERS, pending | changed)
     total = session.scalar(sa.select(sa.func.count()).select_from(ValueSet)) or 0
     everything = len(affected) == total
@@ -677,23 +731,23 @@ def _recompute(session: Session, rules: VersionRules | None) -> RefreshSummary:
         with keys_checked_after(session, _DERIVED_FOREIGN_KEYS, first):
             # On the connection: its results tell how many rows were written.
             connection = session.connection()
-            written = connection.execute(
+            rows = connection.execute(
                 sql.render(session, sql.RULE_CODES, pending_only=only)
             ).rowcount
             if rules is None:
-                _analyze_if_grown(session, "compose_rule_code", written)
-            written = 0
+                _analyze_if_grown(session, "compose_rule_code", rows)
+            rows = 0
             for stratum in range(passes):
                 computed = connection.execute(
                     sql.render(session, sql.MATERIALIZE, pending_only=only),
                     {"stratum": stratum},
                 ).rowcount
                 if only:
-                    written += _store_pass(connection, p, stratum)
+                    rows += _store_pass(connection, p, stratum)
                 else:
-                    written += computed
+                    rows += computed
             if rules is None:
-                _analyze_if_grown(session, "value_set_member", written)
+                _analyze_if_grown(session, "value_set_member", rows)
         session.execute(
             sa.text(
                 f"""
