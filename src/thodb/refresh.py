@@ -44,7 +44,7 @@ from typing import cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from thodb import concepts, sql, sqlfunctions, versions
 from thodb.canonical import canonical
@@ -463,7 +463,8 @@ def _resolve(
 
     :return: the ids of the value sets with a rule or import that now points elsewhere.
     """
-    only = written is not None and not rules
+    # Under a request's version rules any include may resolve elsewhere.
+    only = written if not rules else None
     changed: set[int] = set()
     rule_rows = sa.select(
         ComposeRule.id,
@@ -472,19 +473,15 @@ def _resolve(
         ComposeRule.version,
         ComposeRule.code_system_id,
     ).where(ComposeRule.system.is_not(None))
-    if only:
-        assert written is not None
+    if only is not None:
         rule_rows = rule_rows.where(
-            sa.or_(
-                concepts.text_in(session, ComposeRule.system, written.code_systems),
-                concepts.id_in(session, ComposeRule.value_set_id, pending or ()),
-            )
+            _names_or_is_of(session, ComposeRule.system, only.code_systems, pending)
         )
     found_rules = session.execute(rule_rows).all()
     candidates = sa.select(CodeSystem.id, CodeSystem.url, CodeSystem.version).where(
         sa.func.coalesce(CodeSystem.content, "") != "supplement"
     )
-    if only:
+    if only is not None:
         named = {str(rule.system) for rule in found_rules}
         candidates = candidates.where(concepts.text_in(session, CodeSystem.url, named))
     systems: dict[str, list[tuple[int, str | None]]] = defaultdict(list)
@@ -508,17 +505,13 @@ def _resolve(
         ComposeImport.value_set_id,
         ComposeRule.value_set_id.label("importer"),
     ).join(ComposeRule, ComposeRule.id == ComposeImport.rule_id)
-    if only:
-        assert written is not None
+    if only is not None:
         import_rows = import_rows.where(
-            sa.or_(
-                concepts.text_in(session, ComposeImport.url, written.value_sets),
-                concepts.id_in(session, ComposeRule.value_set_id, pending or ()),
-            )
+            _names_or_is_of(session, ComposeImport.url, only.value_sets, pending)
         )
     found_imports = session.execute(import_rows).all()
     targets = sa.select(ValueSet.id, ValueSet.url, ValueSet.version)
-    if only:
+    if only is not None:
         named = {imp.url for imp in found_imports}
         targets = targets.where(concepts.text_in(session, ValueSet.url, named))
     value_sets: dict[str, list[tuple[int, str | None]]] = defaultdict(list)
@@ -534,6 +527,19 @@ def _resolve(
         _update_by_id(session, ComposeImport, updates)
         _analyze_if_grown(session, "compose_import", len(updates))
     return changed
+
+
+def _names_or_is_of(
+    session: Session,
+    column: InstrumentedAttribute[str] | InstrumentedAttribute[str | None],
+    urls: frozenset[str],
+    pending: set[int] | None,
+) -> sa.ColumnElement[bool]:
+    """``column`` names one of ``urls``, or its rule is of a ``pending`` value set."""
+    return sa.or_(
+        concepts.text_in(session, column, urls),
+        concepts.id_in(session, ComposeRule.value_set_id, pending or ()),
+    )
 
 
 def _update_by_id(
