@@ -451,10 +451,7 @@ class Reads:
         if not self._keep or self._token is None:
             return
         with _STATES_LOCK:
-            kept = _STATES.get(self._database)
-            if kept is None or kept.token != self._token:
-                kept = _STATES[self._database] = _State(self._token)
-            kept.answers.update({key: answer})
+            self._state_to_keep_in(self._token).answers.update({key: answer})
 
     def settle(self, scope: Scope) -> bool:
         """Keep what this call read; ``False`` when a load may have committed while it
@@ -470,13 +467,19 @@ class Reads:
             return False
         if fresh and self._keep and self._token is not None:
             with _STATES_LOCK:
-                kept = _STATES.get(self._database)
-                if kept is None or kept.token != self._token:
-                    kept = _STATES[self._database] = _State(self._token)
+                kept = self._state_to_keep_in(self._token)
                 kept.value_sets.update(self._value_sets)
                 kept.code_systems.update(self._code_systems)
                 kept.scopes.update(self._scopes)
         return True
+
+    def _state_to_keep_in(self, token: str) -> _State:
+        """The kept state of this database for ``token``, replacing one of another
+        token (older tokens are never current again). Called under the lock."""
+        kept = _STATES.get(self._database)
+        if kept is None or kept.token != token:
+            kept = _STATES[self._database] = _State(token)
+        return kept
 
     @staticmethod
     def _get(
