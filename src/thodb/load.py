@@ -207,11 +207,6 @@ _WRITTEN_FOREIGN_KEYS = foreign_keys(
     ComposeFilter,
     ComposeImport,
 )
-_LOCK_WRITTEN = (
-    "LOCK TABLE "
-    + ", ".join(f"{SCHEMA}.{table}" for table in _WRITTEN_TABLES)
-    + " IN ACCESS EXCLUSIVE MODE NOWAIT"
-)
 
 
 def _first_load(session: Session) -> bool:
@@ -224,7 +219,7 @@ def _first_load(session: Session) -> bool:
         for model in (CodeSystem, ValueSet)
     ):
         return False
-    return lock_if_free(session, _LOCK_WRITTEN)
+    return lock_if_free(session, _WRITTEN_TABLES)
 
 
 def _prepare_refresh(session: Session, summary: LoadSummary) -> None:

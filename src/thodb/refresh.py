@@ -836,19 +836,20 @@ def _lock_for_first_fill(session: Session) -> bool:
         sa.select(sa.exists().select_from(ValueSetMember))
     ):
         return False
-    return lock_if_free(session, _LOCK_DERIVED)
+    return lock_if_free(
+        session, ("value_set", "compose_rule", "value_set_member", "compose_rule_code")
+    )
 
 
-_LOCK_DERIVED = (
-    "LOCK TABLE tho.value_set, tho.compose_rule, tho.value_set_member, "
-    "tho.compose_rule_code IN ACCESS EXCLUSIVE MODE NOWAIT"
-)
-
-
-def lock_if_free(session: Session, statement: str) -> bool:
-    """Run ``statement``, a PostgreSQL ``LOCK TABLE … NOWAIT``, for the rest of the
-    transaction; return ``False`` instead of waiting when another transaction holds a
-    lock on one of its tables."""
+def lock_if_free(session: Session, tables: Sequence[str]) -> bool:
+    """Lock ``tables`` (of the ``tho`` schema, PostgreSQL) against every other use for
+    the rest of the transaction; return ``False`` instead of waiting when another
+    transaction holds a lock on one of them."""
+    statement = (
+        "LOCK TABLE "
+        + ", ".join(f"{SCHEMA}.{table}" for table in tables)
+        + " IN ACCESS EXCLUSIVE MODE NOWAIT"
+    )
     savepoint = session.begin_nested()
     try:
         session.execute(sa.text(statement))
