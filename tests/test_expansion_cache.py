@@ -15,11 +15,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
 
-from conftest import SHARED
+from conftest import SHARED, Databases
 from thodb import load as load_mod
-from thodb.db import session_scope
+from thodb.db import schema_prefix, session_scope
 from thodb.expand import expand, set_cache_budget
 from thodb.fhir.operations import RequestContext
 from thodb.query import ValidateOptions, validate_code
@@ -295,3 +297,132 @@ def test_a_request_can_ask_for_answers_computed_again(
 ) -> None:
     # RFC 9111: no-cache asks for an answer not served from what was kept.
     assert RequestContext.from_headers(headers).cache is cache
+
+
+def _without(value_set: dict[str, Any], code: str) -> dict[str, Any]:
+    changed = copy.deepcopy(value_set)
+    include = changed["compose"]["include"][0]
+    include["concept"] = [c for c in include["concept"] if c["code"] != code]
+    return changed
+
+
+def _member_rows(session: Session, code: str) -> int:
+    # What the transaction's own SQL sees of the code in the value set.
+    prefix = schema_prefix(session)
+    return int(
+        session.execute(
+            sa.text(
+                f"SELECT count(*) FROM {prefix}value_set_member m "
+                f"JOIN {prefix}value_set v ON v.id = m.value_set_id "
+                "WHERE v.url = :url AND m.code = :code"
+            ),
+            {"url": VALUE_SET, "code": code},
+        ).scalar_one()
+    )
+
+
+def test_answers_in_one_transaction_are_those_its_own_sql_sees(
+    fresh_engine: Engine, tmp_path: Any
+) -> None:
+    # A reading transaction sees one snapshot: a load another connection commits
+    # meanwhile changes neither its SQL nor its answers; the next transaction sees it.
+    value_set = _json("simple/valueset-enumerated.json")
+    code = value_set["compose"]["include"][0]["concept"][0]["code"]
+    path = tmp_path / "vs.json"
+    path.write_text(json.dumps(value_set))
+    load_mod.load(fresh_engine, [TX / "simple/codesystem-simple.json", path])
+
+    with session_scope(fresh_engine) as reader:
+        assert validate_code(reader, VALUE_SET, system=SIMPLE, code=code).result
+        assert code in {m.code for m in expand(reader, VALUE_SET).contains}
+        path.write_text(json.dumps(_without(value_set, code)))
+        load_mod.load(fresh_engine, [path], replace=True)
+        assert _member_rows(reader, code) == 1
+        assert validate_code(reader, VALUE_SET, system=SIMPLE, code=code).result
+        assert code in {m.code for m in expand(reader, VALUE_SET).contains}
+    assert not _valid(fresh_engine, code)
+    assert code not in _codes(fresh_engine)
+
+
+def test_answers_follow_the_writes_of_their_own_transaction(
+    fresh_engine: Engine,
+) -> None:
+    # A load in the transaction itself, in a savepoint rolled back afterwards, and
+    # in another session sharing the transaction's connection.
+    value_set = _json("simple/valueset-enumerated.json")
+    code = value_set["compose"]["include"][0]["concept"][0]["code"]
+    load_mod.load(
+        fresh_engine,
+        [TX / "simple/codesystem-simple.json", TX / "simple/valueset-enumerated.json"],
+    )
+    without = _without(value_set, code)
+
+    def valid(session: Session) -> bool:
+        answer = validate_code(session, VALUE_SET, system=SIMPLE, code=code).result
+        assert answer is (_member_rows(session, code) == 1)
+        listed = code in {m.code for m in expand(session, VALUE_SET).contains}
+        assert listed is answer
+        return answer
+
+    with session_scope(fresh_engine, write=True) as session:
+        assert valid(session)
+        savepoint = session.begin_nested()
+        load_mod.load_resources(session, [without], replace=True)
+        assert not valid(session)
+        savepoint.rollback()
+        assert valid(session)
+        load_mod.load_resources(session, [without], replace=True)
+        assert not valid(session)
+        session.rollback()
+    assert _valid(fresh_engine, code)
+
+    with fresh_engine.connect() as connection:
+        reader, writer = Session(connection), Session(connection)
+        assert valid(reader)
+        load_mod.load_resources(writer, [without], replace=True)
+        assert not valid(reader)
+        connection.rollback()
+        assert valid(reader)
+        reader.close()
+        writer.close()
+
+
+def test_a_repeated_call_in_one_sqlite_transaction_runs_no_statement(
+    databases: Databases,
+) -> None:
+    # SQLite's transaction reads one snapshot: the refresh token it read once holds
+    # for the rest of it, and a kept answer is found without asking the database.
+    # (PostgreSQL's READ COMMITTED reads the token for every call.)
+    fresh_engine = databases.engine("sqlite")
+    value_set = _json("simple/valueset-enumerated.json")
+    code = value_set["compose"]["include"][0]["concept"][0]["code"]
+    load_mod.load(
+        fresh_engine,
+        [TX / "simple/codesystem-simple.json", TX / "simple/valueset-enumerated.json"],
+    )
+    statements: list[str] = []
+    with session_scope(fresh_engine) as session:
+        driver = session.connection().connection.dbapi_connection
+        assert driver is not None
+        first = validate_code(session, VALUE_SET, system=SIMPLE, code=code)
+        expansion = expand(session, VALUE_SET)
+        driver.set_trace_callback(statements.append)
+        try:
+            again = validate_code(session, VALUE_SET, system=SIMPLE, code=code)
+            expanded_again = expand(session, VALUE_SET)
+        finally:
+            driver.set_trace_callback(None)
+    assert again is first and again.result
+    assert expanded_again.contains == expansion.contains
+    assert statements == []
+
+    # Another transaction reads the token again.
+    with session_scope(fresh_engine) as session:
+        driver = session.connection().connection.dbapi_connection
+        assert driver is not None
+        driver.set_trace_callback(statements.append)
+        try:
+            assert validate_code(session, VALUE_SET, system=SIMPLE, code=code) is first
+        finally:
+            driver.set_trace_callback(None)
+    assert any("refresh_state" in s for s in statements)

@@ -7,6 +7,7 @@ database, so the same models and SQL work on both.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Iterator
@@ -104,6 +105,9 @@ def create_engine(url: str | None = None, **kwargs: Any) -> Engine:
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
+        # What a transaction noted of its snapshot holds no longer (see epoch()).
+        for ended in ("commit", "rollback", "rollback_savepoint"):
+            event.listen(engine, ended, new_epoch)
         engine = engine.execution_options(schema_translate_map={SCHEMA: None})
     return engine
 
@@ -125,6 +129,32 @@ def _sqlite_on_begin(connection: sa.Connection) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
     else:
         connection.exec_driver_sql("BEGIN")
+
+
+def reads_one_snapshot(engine: Engine) -> bool:
+    """True when each transaction of ``engine`` reads one snapshot of the database and
+    its own writes: SQLite engines made by :func:`create_engine`, which begin every
+    transaction themselves (the driver alone begins one only before a write, so its
+    reads would see every commit)."""
+    return _sqlite_on_begin in engine.dispatch.begin
+
+
+def epoch() -> int:
+    """A number that changes whenever a transaction or savepoint of an engine that
+    :func:`reads_one_snapshot` ends, and when thodb replaces what such a transaction
+    may have noted of its snapshot (the refresh token): a value noted in a
+    transaction together with the epoch holds while the epoch is the same."""
+    return _epoch
+
+
+def new_epoch(*_event_args: object) -> None:
+    """Begin a new :func:`epoch` (also the listener of transaction ends)."""
+    global _epoch
+    _epoch = next(_EPOCHS)
+
+
+_EPOCHS = itertools.count(1)
+_epoch = 0
 
 
 @contextmanager

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from thodb import collector, concepts, sql, versions
+from thodb import collector, concepts, db, sql, versions
 from thodb.canonical import canonical
 from thodb.concepts import CodeSystemInfo, ConceptDetails, Property
 from thodb.db import is_sqlite
@@ -300,10 +300,10 @@ def expand(
         with version_scope(session, options.versions), collector.paused():
             value_set, members = _read_consistently(session, url, version, live)
             return _expand(session, value_set, members, options, stored=not live)
-    value_set = find_value_set(session, url, version)
+    # Every load replaces the token: in one token's state url|version is one value set.
     database, token = membership_state(session)
-    key = (database, token, value_set.id, repr(options))
-    found = _CACHE.get(key)
+    key = (database, token, url, version, repr(options))
+    found = _CACHE.get(key) if token is not None else None
     if found is not None:
         return replace(found, contains=list(found.contains))
     with collector.paused():
@@ -313,15 +313,47 @@ def expand(
         )
     # Under READ COMMITTED each statement may see a later commit: the answer is of the
     # token's state only if no recomputation committed meanwhile (tokens never repeat).
-    if token is not None and value_set.id == key[2] and refresh_token(session) == token:
+    if token is not None and refresh_token(session) == token:
         _CACHE.put(key, expansion)
         return replace(expansion, contains=list(expansion.contains))
     return expansion
 
 
 def refresh_token(session: Session) -> str | None:
-    """The token of the current membership (see :class:`thodb.models.RefreshState`)."""
-    return session.scalar(sa.select(RefreshState.token))
+    """The token of the current membership (see :class:`thodb.models.RefreshState`).
+
+    Where a transaction reads one snapshot (SQLite, :func:`thodb.db.reads_one_snapshot`)
+    the token read once is noted in the session and holds for the rest of the
+    transaction: until it, or a savepoint of it, ends, or a refresh replaces the token.
+    """
+    noted = noted_token(session)
+    if noted is not None:
+        return noted
+    epoch = db.epoch()
+    token = session.scalar(_TOKEN)
+    note_token(session, token, epoch)
+    return token
+
+
+def noted_token(session: Session) -> str | None:
+    """The refresh token noted in the session's transaction, if it still holds."""
+    noted = session.info.get(_NOTED_TOKEN)
+    if noted is None:
+        return None
+    transaction, epoch, token = noted
+    held = transaction is session.get_transaction() and epoch == db.epoch()
+    return token if held else None
+
+
+def note_token(session: Session, token: str | None, epoch: int) -> None:
+    """Note ``token``, read in the session's transaction when :func:`thodb.db.epoch`
+    was ``epoch``, where the transaction reads one snapshot."""
+    if token is not None and _engine_of(session).one_snapshot:
+        session.info[_NOTED_TOKEN] = (session.get_transaction(), epoch, token)
+
+
+_TOKEN = sa.select(RefreshState.token)
+_NOTED_TOKEN = "thodb.expand.noted_token"
 
 
 def membership_state(session: Session) -> tuple[str, str | None]:
@@ -332,25 +364,38 @@ def membership_state(session: Session) -> tuple[str, str | None]:
 
 def database_of(session: Session) -> str:
     """The database ``session`` talks to, as the key of what the process keeps of it."""
+    return _engine_of(session).database
+
+
+class _Engine(NamedTuple):
+    #: The database's name (its URL).
+    database: str
+    #: Whether each transaction reads one snapshot (see noted_token).
+    one_snapshot: bool
+
+
+def _engine_of(session: Session) -> _Engine:
     engine = session.get_bind().engine
-    name = _DATABASES.get(engine)
-    if name is None:
-        name = _DATABASES[engine] = str(engine.url)
-    return name
+    found = _ENGINES.get(engine)
+    if found is None:
+        found = _ENGINES[engine] = _Engine(
+            str(engine.url), db.reads_one_snapshot(engine)
+        )
+    return found
 
 
-# The name of each engine's database, made once: rendering the URL was a third of the
-# time of a validate-code answered from the answers kept in the process.
-_DATABASES: weakref.WeakKeyDictionary[sa.Engine, str] = weakref.WeakKeyDictionary()
+# What is known of each engine, made once: rendering the URL was a third of the time
+# of a validate-code answered from the answers kept in the process.
+_ENGINES: weakref.WeakKeyDictionary[sa.Engine, _Engine] = weakref.WeakKeyDictionary()
 
 
 class _ExpansionCache:
     """Expansions read from ``value_set_member``, least recently used dropped first.
 
     An entry is keyed by the database, the refresh token it was computed under
-    (:class:`thodb.models.RefreshState`), the value set's id and the options; a load
-    recomputes the membership and replaces the token, so an entry of an older state is
-    never found again. At most ``budget`` codes are kept in all.
+    (:class:`thodb.models.RefreshState`), the value set's url and version as asked and
+    the options; a load recomputes the membership and replaces the token, so an entry
+    of an older state is never found again. At most ``budget`` codes are kept in all.
     """
 
     def __init__(self, budget: int) -> None:

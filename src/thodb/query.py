@@ -38,7 +38,14 @@ from thodb.languages import (
 from thodb.models import ValueSet
 from thodb.outcome import Issue, TerminologyError, path
 from thodb.refresh import version_scope
-from thodb.scope import FLAGGED_STANDARDS_STATUS, Reads, Rule, Scope, ValueSetFacts
+from thodb.scope import (
+    FLAGGED_STANDARDS_STATUS,
+    Reads,
+    Rule,
+    Scope,
+    ValueSetFacts,
+    kept_answer,
+)
 from thodb.versions import VersionRules
 
 
@@ -922,12 +929,6 @@ def validate_concept(
     :raises ValueSetNotFound: see :func:`validate_code`.
     """
     options = options or _NO_OPTIONS
-    _supplements(session, options.supplements)
-    # The membership row of a single coding is read with the refresh token.
-    first = codings[0] if len(codings) == 1 else Coding(None, None)
-    probe = None
-    if first.system and first.code and concepts.storable(first.system, first.code):
-        probe = (first.system, first.code)
     # The default options by identity: hashing them is most of the time of a lookup.
     key = (
         url,
@@ -936,12 +937,22 @@ def validate_concept(
         tuple(codings),
         None if options is _NO_OPTIONS else options,
     )
+    if cache and not options.versions:
+        # Kept only in a state where the supplements it asks for were loaded.
+        kept = kept_answer(session, key)
+        if isinstance(kept, Validation):
+            return kept
+    _supplements(session, options.supplements)
+    # The membership row of a single coding is read with the refresh token.
+    first = codings[0] if len(codings) == 1 else Coding(None, None)
+    probe = None
+    if first.system and first.code and concepts.storable(first.system, first.code):
+        probe = (first.system, first.code)
     with version_scope(session, options.versions):
         for _ in range(_READ_ATTEMPTS):
             # Facts kept from earlier calls hold only for the stored membership.
             reads = Reads(session, keep=not options.versions)
-            reads.begin(url, version, probe)
-            kept = reads.kept_answer(key) if cache else None
+            kept = reads.begin(url, version, probe, answer=key if cache else None)
             if isinstance(kept, Validation):
                 return kept
             value_set = reads.value_set(url, version)

@@ -48,7 +48,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from thodb import concepts, sql, sqlfunctions, versions
 from thodb.canonical import canonical
-from thodb.db import is_sqlite, schema_prefix
+from thodb.db import is_sqlite, new_epoch, schema_prefix
 from thodb.models import (
     SCHEMA,
     Base,
@@ -791,6 +791,8 @@ def _recompute(
         )
     ).one()
     session.execute(sa.update(RefreshState).values(token=uuid.uuid4().hex))
+    # A token a transaction noted is not the current one any more.
+    new_epoch()
     summary = RefreshSummary(
         expanded=expanded,
         not_expandable=total - expanded,

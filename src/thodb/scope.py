@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from thodb import concepts, sql, versions
+from thodb import concepts, db, sql, versions
 from thodb.canonical import canonical
 from thodb.concepts import CodeSystemInfo, ConceptDetails
 from thodb.expand import (
@@ -36,13 +36,15 @@ from thodb.expand import (
     default_language,
     find_value_set,
     listed_annotations,
+    note_token,
+    noted_token,
+    refresh_token,
 )
 from thodb.kept import Kept
 from thodb.languages import LanguagePreference
 from thodb.models import (
     ComposeRule,
     ComposeRuleCode,
-    RefreshState,
     ValueSet,
     ValueSetMember,
 )
@@ -280,8 +282,6 @@ def _probe_cursor(connection: sa.Connection) -> Any:
 
 _PROBE_CURSOR = "thodb.scope.probe_cursor"
 
-_TOKEN = sa.select(RefreshState.token)
-
 
 class _State:
     """The facts of one membership state (database, refresh token)."""
@@ -301,6 +301,19 @@ _KEPT = 256
 # The state last seen of each database (older tokens are never current again).
 _STATES: dict[str, _State] = {}
 _STATES_LOCK = threading.Lock()
+
+
+def kept_answer(session: Session, answer: Hashable) -> object | None:
+    """The answer kept for the call ``answer`` (its arguments) when the session's
+    transaction noted a token (see :func:`thodb.expand.noted_token`) and answers of
+    its state are kept: found without a statement."""
+    token = noted_token(session)
+    if token is None:
+        return None
+    kept = _STATES.get(database_of(session))
+    return (
+        kept.answers.get(answer) if kept is not None and kept.token == token else None
+    )
 
 
 class Reads:
@@ -327,39 +340,60 @@ class Reads:
         self._concepts: dict[tuple[int, str], ConceptDetails | None] = {}
 
     def begin(
-        self, url: str, version: str | None, probe: tuple[str, str] | None = None
-    ) -> None:
+        self,
+        url: str,
+        version: str | None,
+        probe: tuple[str, str] | None = None,
+        answer: Hashable | None = None,
+    ) -> object | None:
         """Read the refresh token and, when ``url|version`` is known from an earlier
-        call, the membership row of ``probe`` (system, code) with it."""
+        call, the membership row of ``probe`` (system, code) with it.
+
+        :param answer: the arguments of a call whose kept answer is wanted.
+        :return: the answer kept for ``answer`` in the state of the token, if any.
+        """
         with _STATES_LOCK:
             kept = _STATES.get(self._database) if self._keep else None
-        known = kept.value_sets.get((url, version)) if kept is not None else None
-        connection = self.session.connection()
+        if kept is None:
+            self._token = refresh_token(self.session)
+            return None
+        known = kept.value_sets.get((url, version))
         if known is None or probe is None:
-            self._token = connection.execute(_TOKEN).scalar()
+            self._token = refresh_token(self.session)
         else:
-            assert kept is not None
-            system, code = probe
-            facts = kept.scopes.get(known.id)
-            code_system = facts.resolved.get(system) if facts is not None else None
-            cursor = _probe_cursor(connection)
-            cursor.execute(
-                sql.for_driver(connection, _PROBE_SQL),
-                (known.id, system, code, code_system, code),
-            )
-            # All rows (there is one): a statement left unfinished would keep SQLite's
-            # read transaction open.
-            rows = cursor.fetchall()
-            row = rows[0] if rows else None
-            self._token = row[0] if row is not None else None
-            if row is not None and kept.token == self._token:
-                self._probed[probe] = None if row[1] is None else (row[2], row[3])
-                self._probed_of = known.id
-                if code_system is not None:
-                    concept = None if row[4] is None else concepts.from_row(row[4:])
-                    self._concepts[(code_system, code)] = concept
-        if kept is not None and kept.token == self._token:
-            self._kept = kept
+            self._token = self._probe(kept, known.id, probe)
+        if kept.token != self._token:
+            return None
+        self._kept = kept
+        return kept.answers.get(answer) if answer is not None else None
+
+    def _probe(self, kept: _State, value_set_id: int, probe: tuple[str, str]) -> Any:
+        """Read the token with the membership row of ``probe`` in value set
+        ``value_set_id`` and, where the scope kept says which code system the code is
+        of, its concept."""
+        system, code = probe
+        facts = kept.scopes.get(value_set_id)
+        code_system = facts.resolved.get(system) if facts is not None else None
+        connection = self.session.connection()
+        cursor = _probe_cursor(connection)
+        epoch = db.epoch()
+        cursor.execute(
+            sql.for_driver(connection, _PROBE_SQL),
+            (value_set_id, system, code, code_system, code),
+        )
+        # All rows (there is one): a statement left unfinished would keep SQLite's
+        # read transaction open.
+        rows = cursor.fetchall()
+        row = rows[0] if rows else None
+        token = row[0] if row is not None else None
+        note_token(self.session, token, epoch)
+        if row is not None and kept.token == token:
+            self._probed[probe] = None if row[1] is None else (row[2], row[3])
+            self._probed_of = value_set_id
+            if code_system is not None:
+                concept = None if row[4] is None else concepts.from_row(row[4:])
+                self._concepts[(code_system, code)] = concept
+        return token
 
     def locate(
         self, cs: CodeSystemInfo, code: str, *, designations: bool
@@ -440,11 +474,6 @@ class Reads:
             one_version=facts.one_version,
         )
 
-    def kept_answer(self, key: Hashable) -> object | None:
-        """The answer kept for the call ``key`` (its arguments) in the state the token
-        read by :meth:`begin` is of; None when there is none."""
-        return self._kept.answers.get(key) if self._kept is not None else None
-
     def keep_answer(self, key: Hashable, answer: object) -> None:
         """Keep ``answer`` of the call ``key``; only after :meth:`settle` said that it
         is of one state."""
@@ -463,7 +492,7 @@ class Reads:
         fresh = bool(self._value_sets or self._code_systems or self._scopes)
         if not fresh and self._probed and not scope.read_membership:
             return True
-        if self._token != self.session.connection().execute(_TOKEN).scalar():
+        if self._token != refresh_token(self.session):
             return False
         if fresh and self._keep and self._token is not None:
             with _STATES_LOCK:
