@@ -341,15 +341,21 @@ def noted_token(session: Session) -> str | None:
     if noted is None:
         return None
     transaction, epoch, token = noted
-    held = transaction is session.get_transaction() and epoch == db.epoch()
+    held = transaction() is session.get_transaction() and epoch == db.epoch()
     return token if held else None
 
 
 def note_token(session: Session, token: str | None, epoch: int) -> None:
     """Note ``token``, read in the session's transaction when :func:`thodb.db.epoch`
     was ``epoch``, where the transaction reads one snapshot."""
-    if token is not None and _engine_of(session).one_snapshot:
-        session.info[_NOTED_TOKEN] = (session.get_transaction(), epoch, token)
+    transaction = session.get_transaction()
+    if (
+        token is not None
+        and transaction is not None
+        and _engine_of(session).one_snapshot
+    ):
+        # By a weak reference: an ended transaction is not kept alive by its note.
+        session.info[_NOTED_TOKEN] = (weakref.ref(transaction), epoch, token)
 
 
 _TOKEN = sa.select(RefreshState.token)
