@@ -477,6 +477,15 @@ def check_validate_code(namespace: dict[str, Any], _engine: Engine, _: Context) 
     assert "113076" in outside.message
 
 
+def check_validate_in_one_transaction(
+    namespace: dict[str, Any], _engine: Engine, _: Context
+) -> None:
+    members = reference().expand(IMAGE_REFERENCE_TYPE)
+    expected = [key for key in namespace["found"] if key not in members]
+    assert expected  # the example shows a code that is not a member
+    assert namespace["not_members"] == expected
+
+
 def check_lookup(namespace: dict[str, Any], _engine: Engine, _: Context) -> None:
     concept = dcm_concepts()["113076"]
     found = namespace["segmentation"]
@@ -536,6 +545,7 @@ PYTHON_CHECKS: dict[str, Callable[[dict[str, Any], Engine, Context], None]] = {
     "expand-options": check_expand_options,
     "errors": check_errors,
     "validate-code": check_validate_code,
+    "validate-in-one-transaction": check_validate_in_one_transaction,
     "lookup": check_lookup,
     "join-own-table": check_join_own_table,
     "join-contract-view": check_join_contract_view,

@@ -344,6 +344,14 @@ def test_answers_in_one_transaction_are_those_its_own_sql_sees(
     assert code not in _codes(fresh_engine)
 
 
+def _one_snapshot(engine: Engine) -> Engine:
+    # PostgreSQL reads one snapshot per transaction at REPEATABLE READ (as thodb's
+    # session_scope reads); SQLite's transactions always do.
+    if engine.dialect.name == "postgresql":
+        return engine.execution_options(isolation_level="REPEATABLE READ")
+    return engine
+
+
 def test_answers_follow_the_writes_of_their_own_transaction(
     fresh_engine: Engine,
 ) -> None:
@@ -364,7 +372,8 @@ def test_answers_follow_the_writes_of_their_own_transaction(
         assert listed is answer
         return answer
 
-    with session_scope(fresh_engine, write=True) as session:
+    bind = _one_snapshot(fresh_engine)
+    with Session(bind) as session, session.begin():
         assert valid(session)
         savepoint = session.begin_nested()
         load_mod.load_resources(session, [without], replace=True)
@@ -376,7 +385,7 @@ def test_answers_follow_the_writes_of_their_own_transaction(
         session.rollback()
     assert _valid(fresh_engine, code)
 
-    with fresh_engine.connect() as connection:
+    with bind.connect() as connection:
         reader, writer = Session(connection), Session(connection)
         assert valid(reader)
         load_mod.load_resources(writer, [without], replace=True)
@@ -387,42 +396,88 @@ def test_answers_follow_the_writes_of_their_own_transaction(
         writer.close()
 
 
-def test_a_repeated_call_in_one_sqlite_transaction_runs_no_statement(
-    databases: Databases,
+class _Statements:
+    """The statements one connection sends while tracing: SQLite's trace callback,
+    libpq's trace of the messages psycopg sends to PostgreSQL."""
+
+    def __init__(self, session: Session, folder: Any) -> None:
+        self.driver: Any = session.connection().connection.dbapi_connection
+        self.sqlite = session.get_bind().dialect.name == "sqlite"
+        self.path = folder / "trace.txt"
+        self.seen: list[str] = []
+
+    def __enter__(self) -> _Statements:
+        if self.sqlite:
+            self.driver.set_trace_callback(self.seen.append)
+        else:
+            self.file = self.path.open("w")
+            self.driver.pgconn.trace(self.file.fileno())
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.sqlite:
+            self.driver.set_trace_callback(None)
+            return
+        self.driver.pgconn.untrace()
+        self.file.close()
+        # Lines of messages sent by the frontend (F) carrying a statement.
+        for line in self.path.read_text().splitlines():
+            fields = line.split("\t")
+            if len(fields) > 4 and fields[1] == "F" and fields[3] in {"Query", "Parse"}:
+                self.seen.append(fields[4])
+
+
+def test_a_repeated_call_in_one_snapshot_runs_no_statement(
+    fresh_engine: Engine, tmp_path: Any
 ) -> None:
-    # SQLite's transaction reads one snapshot: the refresh token it read once holds
-    # for the rest of it, and a kept answer is found without asking the database.
-    # (PostgreSQL's READ COMMITTED reads the token for every call.)
-    fresh_engine = databases.engine("sqlite")
+    # The refresh token a transaction that reads one snapshot read once holds for
+    # the rest of it: a kept answer or expansion is found without asking the database.
     value_set = _json("simple/valueset-enumerated.json")
     code = value_set["compose"]["include"][0]["concept"][0]["code"]
     load_mod.load(
         fresh_engine,
         [TX / "simple/codesystem-simple.json", TX / "simple/valueset-enumerated.json"],
     )
-    statements: list[str] = []
+
+    def calls(session: Session) -> tuple[Any, list[Any]]:
+        answer = validate_code(session, VALUE_SET, system=SIMPLE, code=code)
+        return answer, expand(session, VALUE_SET).contains
+
     with session_scope(fresh_engine) as session:
-        driver = session.connection().connection.dbapi_connection
-        assert driver is not None
-        first = validate_code(session, VALUE_SET, system=SIMPLE, code=code)
-        expansion = expand(session, VALUE_SET)
-        driver.set_trace_callback(statements.append)
-        try:
-            again = validate_code(session, VALUE_SET, system=SIMPLE, code=code)
-            expanded_again = expand(session, VALUE_SET)
-        finally:
-            driver.set_trace_callback(None)
+        first, members = calls(session)
+        with _Statements(session, tmp_path) as statements:
+            again, members_again = calls(session)
     assert again is first and again.result
-    assert expanded_again.contains == expansion.contains
-    assert statements == []
+    assert members_again == members
+    assert statements.seen == []
 
     # Another transaction reads the token again.
-    with session_scope(fresh_engine) as session:
-        driver = session.connection().connection.dbapi_connection
-        assert driver is not None
-        driver.set_trace_callback(statements.append)
-        try:
-            assert validate_code(session, VALUE_SET, system=SIMPLE, code=code) is first
-        finally:
-            driver.set_trace_callback(None)
-    assert any("refresh_state" in s for s in statements)
+    with (
+        session_scope(fresh_engine) as session,
+        _Statements(session, tmp_path) as statements,
+    ):
+        assert calls(session)[0] is first
+    assert any("refresh_state" in s for s in statements.seen)
+
+
+def test_under_read_committed_every_call_reads_the_token(
+    databases: Databases, tmp_path: Any
+) -> None:
+    # PostgreSQL's default isolation shows each statement the latest commit: a call
+    # after a load another connection committed answers from the new membership.
+    engine = databases.engine("postgresql")
+    value_set = _json("simple/valueset-enumerated.json")
+    code = value_set["compose"]["include"][0]["concept"][0]["code"]
+    path = tmp_path / "vs.json"
+    path.write_text(json.dumps(value_set))
+    load_mod.load(engine, [TX / "simple/codesystem-simple.json", path])
+    with Session(engine) as reader:
+        assert validate_code(reader, VALUE_SET, system=SIMPLE, code=code).result
+        with _Statements(reader, tmp_path) as statements:
+            assert validate_code(reader, VALUE_SET, system=SIMPLE, code=code).result
+        assert any("refresh_state" in s for s in statements.seen)
+        path.write_text(json.dumps(_without(value_set, code)))
+        load_mod.load(engine, [path], replace=True)
+        assert _member_rows(reader, code) == 0
+        assert not validate_code(reader, VALUE_SET, system=SIMPLE, code=code).result
+        assert code not in {m.code for m in expand(reader, VALUE_SET).contains}

@@ -102,12 +102,12 @@ def create_engine(url: str | None = None, **kwargs: Any) -> Engine:
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
         raise DatabaseError(f"cannot use {safe_url(parsed)}: {exc}") from None
 
+    # What a transaction noted of its snapshot holds no longer (see epoch()).
+    for ended in ("commit", "rollback", "rollback_savepoint"):
+        event.listen(engine, ended, new_epoch)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
-        # What a transaction noted of its snapshot holds no longer (see epoch()).
-        for ended in ("commit", "rollback", "rollback_savepoint"):
-            event.listen(engine, ended, new_epoch)
         engine = engine.execution_options(schema_translate_map={SCHEMA: None})
     return engine
 
@@ -131,19 +131,39 @@ def _sqlite_on_begin(connection: sa.Connection) -> None:
         connection.exec_driver_sql("BEGIN")
 
 
-def reads_one_snapshot(engine: Engine) -> bool:
-    """True when each transaction of ``engine`` reads one snapshot of the database and
-    its own writes: SQLite engines made by :func:`create_engine`, which begin every
-    transaction themselves (the driver alone begins one only before a write, so its
-    reads would see every commit)."""
-    return _sqlite_on_begin in engine.dispatch.begin
+def reads_one_snapshot(connection: sa.Connection) -> bool:
+    """True when the transaction ``connection`` is in reads one snapshot of the database
+    (and its own writes) for all its statements, on an engine of :func:`create_engine`
+    (which counts the ends of transactions, see :func:`epoch`): on SQLite, where
+    :func:`create_engine` begins every transaction itself (the driver alone begins one
+    only before a write, so its reads would see every commit), and on PostgreSQL at
+    ``REPEATABLE READ`` or ``SERIALIZABLE``, as :func:`session_scope` reads.
+    """
+    if not counts_epochs(connection.engine):
+        return False
+    if connection.dialect.name == "sqlite":
+        return bool(
+            getattr(connection.connection.dbapi_connection, "in_transaction", 0)
+        )
+    isolation = connection.get_execution_options().get("isolation_level")
+    return connection.in_transaction() and isolation in _ONE_SNAPSHOT
+
+
+_ONE_SNAPSHOT = frozenset({"REPEATABLE READ", "SERIALIZABLE"})
+
+
+def counts_epochs(engine: Engine) -> bool:
+    """True for engines of :func:`create_engine`: the ends of their transactions
+    begin a new :func:`epoch`."""
+    return new_epoch in engine.dispatch.commit
 
 
 def epoch() -> int:
-    """A number that changes whenever a transaction or savepoint of an engine that
-    :func:`reads_one_snapshot` ends, and when thodb replaces what such a transaction
-    may have noted of its snapshot (the refresh token): a value noted in a
-    transaction together with the epoch holds while the epoch is the same."""
+    """A number that changes whenever a transaction of an engine of
+    :func:`create_engine` ends or rolls back to a savepoint, and when thodb replaces
+    what such a transaction may have noted of its snapshot (the refresh token): a
+    value noted in a transaction together with the epoch holds while the epoch is the
+    same."""
     return _epoch
 
 

@@ -322,9 +322,10 @@ def expand(
 def refresh_token(session: Session) -> str | None:
     """The token of the current membership (see :class:`thodb.models.RefreshState`).
 
-    Where a transaction reads one snapshot (SQLite, :func:`thodb.db.reads_one_snapshot`)
-    the token read once is noted in the session and holds for the rest of the
-    transaction: until it, or a savepoint of it, ends, or a refresh replaces the token.
+    Where the transaction reads one snapshot (:func:`thodb.db.reads_one_snapshot`:
+    SQLite, PostgreSQL at ``REPEATABLE READ``) the token read once is noted in the
+    session and holds for the rest of the transaction: until it ends, rolls back to a
+    savepoint, or a refresh replaces the token.
     """
     noted = noted_token(session)
     if noted is not None:
@@ -349,11 +350,9 @@ def note_token(session: Session, token: str | None, epoch: int) -> None:
     """Note ``token``, read in the session's transaction when :func:`thodb.db.epoch`
     was ``epoch``, where the transaction reads one snapshot."""
     transaction = session.get_transaction()
-    if (
-        token is not None
-        and transaction is not None
-        and _engine_of(session).one_snapshot
-    ):
+    if token is None or transaction is None or not _engine_of(session).counts_epochs:
+        return
+    if db.reads_one_snapshot(session.connection()):
         # By a weak reference: an ended transaction is not kept alive by its note.
         session.info[_NOTED_TOKEN] = (weakref.ref(transaction), epoch, token)
 
@@ -376,17 +375,15 @@ def database_of(session: Session) -> str:
 class _Engine(NamedTuple):
     #: The database's name (its URL).
     database: str
-    #: Whether each transaction reads one snapshot (see noted_token).
-    one_snapshot: bool
+    #: Whether the ends of its transactions are counted (see thodb.db.epoch).
+    counts_epochs: bool
 
 
 def _engine_of(session: Session) -> _Engine:
     engine = session.get_bind().engine
     found = _ENGINES.get(engine)
     if found is None:
-        found = _ENGINES[engine] = _Engine(
-            str(engine.url), db.reads_one_snapshot(engine)
-        )
+        found = _ENGINES[engine] = _Engine(str(engine.url), db.counts_epochs(engine))
     return found
 
 
