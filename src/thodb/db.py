@@ -132,12 +132,13 @@ def _sqlite_on_begin(connection: sa.Connection) -> None:
 
 
 def reads_one_snapshot(connection: sa.Connection) -> bool:
-    """True when the transaction ``connection`` is in reads one snapshot of the database
-    (and its own writes) for all its statements, on an engine of :func:`create_engine`
-    (which counts the ends of transactions, see :func:`epoch`): on SQLite, where
-    :func:`create_engine` begins every transaction itself (the driver alone begins one
-    only before a write, so its reads would see every commit), and on PostgreSQL at
-    ``REPEATABLE READ`` or ``SERIALIZABLE``, as :func:`session_scope` reads.
+    """True when the transaction of ``connection`` reads one snapshot of the database
+    (and its own writes) in all its statements, on an engine of :func:`create_engine`
+    (which counts the ends of transactions, see :func:`epoch`). That is every
+    transaction on SQLite, where :func:`create_engine` begins each one itself (the
+    driver alone begins one only before a write, so its reads would see every commit),
+    and on PostgreSQL one at ``REPEATABLE READ`` or ``SERIALIZABLE``, as
+    :func:`session_scope` reads.
     """
     if not counts_epochs(connection.engine):
         return False
