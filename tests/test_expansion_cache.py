@@ -321,16 +321,22 @@ def _member_rows(session: Session, code: str) -> int:
     )
 
 
+def _simple_loaded(engine: Engine, path: Any) -> tuple[dict[str, Any], str]:
+    """Load the simple code system and the enumerated value set, written to ``path``
+    (which a test may change and load again); the value set and its first code."""
+    value_set = _json("simple/valueset-enumerated.json")
+    path.write_text(json.dumps(value_set))
+    load_mod.load(engine, [TX / "simple/codesystem-simple.json", path])
+    return value_set, value_set["compose"]["include"][0]["concept"][0]["code"]
+
+
 def test_answers_in_one_transaction_are_those_its_own_sql_sees(
     fresh_engine: Engine, tmp_path: Any
 ) -> None:
     # A reading transaction sees one snapshot: a load another connection commits
     # meanwhile changes neither its SQL nor its answers; the next transaction sees it.
-    value_set = _json("simple/valueset-enumerated.json")
-    code = value_set["compose"]["include"][0]["concept"][0]["code"]
     path = tmp_path / "vs.json"
-    path.write_text(json.dumps(value_set))
-    load_mod.load(fresh_engine, [TX / "simple/codesystem-simple.json", path])
+    value_set, code = _simple_loaded(fresh_engine, path)
 
     with session_scope(fresh_engine) as reader:
         assert validate_code(reader, VALUE_SET, system=SIMPLE, code=code).result
@@ -353,16 +359,11 @@ def _one_snapshot(engine: Engine) -> Engine:
 
 
 def test_answers_follow_the_writes_of_their_own_transaction(
-    fresh_engine: Engine,
+    fresh_engine: Engine, tmp_path: Any
 ) -> None:
     # A load in the transaction itself, in a savepoint rolled back afterwards, and
     # in another session sharing the transaction's connection.
-    value_set = _json("simple/valueset-enumerated.json")
-    code = value_set["compose"]["include"][0]["concept"][0]["code"]
-    load_mod.load(
-        fresh_engine,
-        [TX / "simple/codesystem-simple.json", TX / "simple/valueset-enumerated.json"],
-    )
+    value_set, code = _simple_loaded(fresh_engine, tmp_path / "vs.json")
     without = _without(value_set, code)
 
     def valid(session: Session) -> bool:
@@ -432,12 +433,7 @@ def test_a_repeated_call_in_one_snapshot_runs_no_statement(
 ) -> None:
     # The refresh token a transaction that reads one snapshot read once holds for
     # the rest of it: a kept answer or expansion is found without asking the database.
-    value_set = _json("simple/valueset-enumerated.json")
-    code = value_set["compose"]["include"][0]["concept"][0]["code"]
-    load_mod.load(
-        fresh_engine,
-        [TX / "simple/codesystem-simple.json", TX / "simple/valueset-enumerated.json"],
-    )
+    value_set, code = _simple_loaded(fresh_engine, tmp_path / "vs.json")
 
     def calls(session: Session) -> tuple[Any, list[Any]]:
         answer = validate_code(session, VALUE_SET, system=SIMPLE, code=code)
@@ -466,11 +462,8 @@ def test_under_read_committed_every_call_reads_the_token(
     # PostgreSQL's default isolation shows each statement the latest commit: a call
     # after a load another connection committed answers from the new membership.
     engine = databases.engine("postgresql")
-    value_set = _json("simple/valueset-enumerated.json")
-    code = value_set["compose"]["include"][0]["concept"][0]["code"]
     path = tmp_path / "vs.json"
-    path.write_text(json.dumps(value_set))
-    load_mod.load(engine, [TX / "simple/codesystem-simple.json", path])
+    value_set, code = _simple_loaded(engine, path)
     with Session(engine) as reader:
         assert validate_code(reader, VALUE_SET, system=SIMPLE, code=code).result
         with _Statements(reader, tmp_path) as statements:
