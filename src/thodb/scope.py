@@ -12,7 +12,8 @@ the includes resolved to): one statement in all, and one more for the designatio
 when a display is checked. Facts a call reads for the first time are kept only when
 the token read after the call shows that no load committed meanwhile. The answers of
 calls are kept the same way: a call asked again with the same arguments in the same
-state is answered by the statement that reads the token.
+state is answered by the statement that reads the token, or by no statement in a
+transaction that noted the token (:func:`thodb.expand.noted_token`).
 """
 
 from __future__ import annotations
