@@ -350,15 +350,25 @@ def note_token(session: Session, token: str | None, epoch: int) -> None:
     """Note ``token``, read in the session's transaction when :func:`thodb.db.epoch`
     was ``epoch``, where the transaction reads one snapshot."""
     transaction = session.get_transaction()
-    if token is None or transaction is None or not _engine_of(session).counts_epochs:
+    if token is None or transaction is None:
         return
-    if db.reads_one_snapshot(session.connection()):
+    # Whether it does is asked once per transaction: it cannot change inside one.
+    known = session.info.get(_ONE_SNAPSHOT)
+    if known is not None and known[0]() is transaction:
+        one_snapshot = known[1]
+    else:
+        one_snapshot = _engine_of(session).counts_epochs and db.reads_one_snapshot(
+            session.connection()
+        )
+        session.info[_ONE_SNAPSHOT] = (weakref.ref(transaction), one_snapshot)
+    if one_snapshot:
         # By a weak reference: an ended transaction is not kept alive by its note.
         session.info[_NOTED_TOKEN] = (weakref.ref(transaction), epoch, token)
 
 
 _TOKEN = sa.select(RefreshState.token)
 _NOTED_TOKEN = "thodb.expand.noted_token"
+_ONE_SNAPSHOT = "thodb.expand.one_snapshot"
 
 
 def membership_state(session: Session) -> tuple[str, str | None]:
