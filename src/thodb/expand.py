@@ -357,9 +357,7 @@ def note_token(session: Session, token: str | None, epoch: int) -> None:
     if known is not None and known[0]() is transaction:
         one_snapshot = known[1]
     else:
-        one_snapshot = _engine_of(session).counts_epochs and db.reads_one_snapshot(
-            session.connection()
-        )
+        one_snapshot = db.reads_one_snapshot(session.connection())
         session.info[_ONE_SNAPSHOT] = (weakref.ref(transaction), one_snapshot)
     if one_snapshot:
         # By a weak reference: an ended transaction is not kept alive by its note.
@@ -379,27 +377,16 @@ def membership_state(session: Session) -> tuple[str, str | None]:
 
 def database_of(session: Session) -> str:
     """The database ``session`` talks to, as the key of what the process keeps of it."""
-    return _engine_of(session).database
-
-
-class _Engine(NamedTuple):
-    #: The database's name (its URL).
-    database: str
-    #: Whether the ends of its transactions are counted (see thodb.db.epoch).
-    counts_epochs: bool
-
-
-def _engine_of(session: Session) -> _Engine:
     engine = session.get_bind().engine
-    found = _ENGINES.get(engine)
-    if found is None:
-        found = _ENGINES[engine] = _Engine(str(engine.url), db.counts_epochs(engine))
-    return found
+    name = _DATABASES.get(engine)
+    if name is None:
+        name = _DATABASES[engine] = str(engine.url)
+    return name
 
 
-# What is known of each engine, made once: rendering the URL was a third of the time
-# of a validate-code answered from the answers kept in the process.
-_ENGINES: weakref.WeakKeyDictionary[sa.Engine, _Engine] = weakref.WeakKeyDictionary()
+# The name of each engine's database, made once: rendering the URL was a third of the
+# time of a validate-code answered from the answers kept in the process.
+_DATABASES: weakref.WeakKeyDictionary[sa.Engine, str] = weakref.WeakKeyDictionary()
 
 
 class _ExpansionCache:
