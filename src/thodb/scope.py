@@ -292,14 +292,15 @@ class _State:
         self.value_sets: Kept[tuple[str, str | None], ValueSetFacts] = Kept(_KEPT)
         self.code_systems: Kept[str, tuple[CodeSystemInfo, ...]] = Kept(_KEPT * 4)
         self.scopes: Kept[int, _ScopeFacts] = Kept(_KEPT)
-        # The answers of whole calls, by their arguments (see Reads.kept_answer).
+        # The answers of whole calls, by their arguments (see kept_answer).
         self.answers: Kept[Hashable, object] = Kept(_KEPT * 16)
 
 
 #: Value sets (and scopes) kept per state; four times as many code systems.
 _KEPT = 256
 
-# The state last seen of each database (older tokens are never current again).
+# The state last seen of each database (older tokens are never current again). A read
+# is one dict operation; adding to a state, or replacing it, is done under the lock.
 _STATES: dict[str, _State] = {}
 _STATES_LOCK = threading.Lock()
 
@@ -353,17 +354,13 @@ class Reads:
         :param answer: the arguments of a call whose kept answer is wanted.
         :return: the answer kept for ``answer`` in the state of the token, if any.
         """
-        with _STATES_LOCK:
-            kept = _STATES.get(self._database) if self._keep else None
-        if kept is None:
-            self._token = refresh_token(self.session)
-            return None
-        known = kept.value_sets.get((url, version))
-        if known is None or probe is None:
+        kept = _STATES.get(self._database) if self._keep else None
+        known = kept.value_sets.get((url, version)) if kept is not None else None
+        if kept is None or known is None or probe is None:
             self._token = refresh_token(self.session)
         else:
             self._token = self._probe(kept, known.id, probe)
-        if kept.token != self._token:
+        if kept is None or kept.token != self._token:
             return None
         self._kept = kept
         return kept.answers.get(answer) if answer is not None else None
