@@ -220,13 +220,7 @@ def find_code_system(
 
 def closure(session: Session, value_set_id: int) -> list[int]:
     """Ids of ``value_set_id`` and of every value set it imports, directly or not."""
-    return [
-        row[0]
-        for row in session.execute(
-            sql.render(session, sql.CLOSURE),
-            {"ids": sql.bound_ids(session, [value_set_id])},
-        )
-    ]
+    return sql.reached(session, sql.CLOSURE, [value_set_id])
 
 
 def used_code_systems(

@@ -579,18 +579,6 @@ def _update_by_id(
     )
 
 
-def _reached(session: Session, template: str, seeds: set[int]) -> set[int]:
-    """``seeds`` and the value sets :data:`thodb.sql.IMPORTERS` or
-    :data:`thodb.sql.CLOSURE` reaches from them."""
-    if not seeds:
-        return set()
-    return set(
-        session.scalars(
-            sql.render(session, template), {"ids": sql.bound_ids(session, seeds)}
-        )
-    )
-
-
 def _analyze_if_grown(session: Session, table: str, written: int) -> None:
     """Renew PostgreSQL's statistics of ``table`` when a refresh wrote as many rows as
     a tenth of those it had, as autovacuum's default scale factor would, but before
@@ -694,7 +682,7 @@ def _recompute(
         )
     )
     changed = _resolve(session, rules or VersionRules(), written, pending)
-    affected = _reached(session, sql.IMPORTERS, pending | changed)
+    affected = set(sql.reached(session, sql.IMPORTERS, pending | changed))
     total = session.scalar(sa.select(sa.func.count()).select_from(ValueSet)) or 0
     everything = len(affected) == total
     # The graph check and the passes of the affected value sets need only what they
@@ -702,7 +690,7 @@ def _recompute(
     if everything:
         nodes = _diagnose(session)
     elif affected:
-        nodes = _diagnose(session, _reached(session, sql.CLOSURE, affected))
+        nodes = _diagnose(session, set(sql.reached(session, sql.CLOSURE, affected)))
     else:
         nodes = {}
     strata = _strata(nodes)
@@ -948,7 +936,7 @@ def _changes_any(session: Session, rules: VersionRules) -> bool:
 
 def problem_of(session: Session, value_set: ValueSet) -> Issue:
     """The issue that says why ``value_set`` cannot be expanded."""
-    nodes = _diagnose(session, _reached(session, sql.CLOSURE, {value_set.id}))
+    nodes = _diagnose(session, set(sql.reached(session, sql.CLOSURE, [value_set.id])))
     _strata(nodes)
     node = nodes.get(value_set.id)
     if node is None or node.problem is None:

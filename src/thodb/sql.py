@@ -140,6 +140,16 @@ def bound_ids(bind: Session | Connection, ids: Iterable[int]) -> object:
     return json.dumps(listed) if not schema_prefix(bind) else listed
 
 
+def reached(session: Session, template: str, seeds: Iterable[int]) -> list[int]:
+    """The ids that :data:`CLOSURE` or :data:`IMPORTERS` (``template``) reaches from
+    ``seeds``, the seeds among them; no statement when there are none."""
+    listed = list(seeds)
+    if not listed:
+        return []
+    ids = bound_ids(session, listed)
+    return list(session.scalars(render(session, template), {"ids": ids}))
+
+
 def id_in_bound(bind: Session | Connection, column: str) -> str:
     """SQL: ``column`` (a fixed name) is one of the ids bound as ``:ids``."""
     if not schema_prefix(bind):  # SQLite
