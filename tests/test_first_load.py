@@ -1,6 +1,7 @@
 """A first load into PostgreSQL adds the foreign keys of the tables it writes and of
-those the refresh fills after filling them: it must end with the constraints the
-migrations make, and must not wait for a transaction that holds those tables. It also
+those the refresh fills after filling them, and builds their indexes (and the primary
+keys of the two filled tables) after them: it must end with the constraints and
+indexes the migrations make, and must not wait for a transaction that holds those tables. It also
 leaves the planner statistics of those tables, which have none before, and of the
 tables it wrote."""
 
@@ -64,16 +65,35 @@ def _content(folder: Path) -> Path:
     return folder
 
 
+# Every index with its definition, and every constraint that is not a foreign key.
+_INDEXES = sa.text(
+    "SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = 'tho' "
+    "UNION ALL "
+    "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) "
+    "FROM pg_constraint WHERE contype <> 'f' AND connamespace = 'tho'::regnamespace "
+    "ORDER BY 1, 2, 3"
+)
+
+
 def _foreign_keys(engine: Engine) -> list[Any]:
     with engine.connect() as connection:
         return [tuple(row) for row in connection.execute(_FOREIGN_KEYS)]
 
 
-def _migrated_foreign_keys(databases: Databases) -> list[Any]:
+def _indexes(engine: Engine) -> list[Any]:
+    with engine.connect() as connection:
+        return [tuple(row) for row in connection.execute(_INDEXES)]
+
+
+def _migrated(databases: Databases) -> Engine:
     engine = databases.engine("postgresql")
     with engine.begin() as connection:
         migrate.upgrade(connection)
-    return _foreign_keys(engine)
+    return engine
+
+
+def _migrated_foreign_keys(databases: Databases) -> list[Any]:
+    return _foreign_keys(_migrated(databases))
 
 
 def test_a_first_load_ends_with_the_migrations_foreign_keys(
@@ -84,6 +104,14 @@ def test_a_first_load_ends_with_the_migrations_foreign_keys(
     assert _foreign_keys(postgresql) == _migrated_foreign_keys(databases)
     with session_scope(postgresql) as session:
         assert [m.code for m in expand(session, VS, cache=False).contains] == CODES
+
+
+def test_a_first_load_ends_with_the_migrations_indexes(
+    postgresql: Engine, databases: Databases, tmp_path: Path
+) -> None:
+    load(postgresql, [_content(tmp_path / "content")])
+
+    assert _indexes(postgresql) == _indexes(_migrated(databases))
 
 
 @pytest.mark.parametrize(
@@ -100,13 +128,16 @@ def test_a_first_load_ends_with_the_migrations_foreign_keys(
             "VALUES (-1, 'p', 'code', 'v')"
         ),
         "INSERT INTO tho.concept_parent (concept_id, parent_id) VALUES (-1, -2)",
+        # The primary keys of the filled tables, built after them: a second row.
+        ("INSERT INTO tho.value_set_member SELECT * FROM tho.value_set_member LIMIT 1"),
+        "INSERT INTO tho.compose_rule_code SELECT * FROM tho.compose_rule_code LIMIT 1",
         (
             "INSERT INTO tho.compose_filter (rule_id, position, property, op, value) "
             "VALUES (-1, 0, 'concept', 'is-a', 'a')"
         ),
     ],
 )
-def test_the_foreign_keys_still_refuse_orphans_after_a_first_load(
+def test_the_keys_still_refuse_orphans_and_doubles_after_a_first_load(
     postgresql: Engine, tmp_path: Path, statement: str
 ) -> None:
     load(postgresql, [_content(tmp_path / "content")])

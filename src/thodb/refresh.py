@@ -725,17 +725,23 @@ def _recompute(
         with keys_checked_after(session, _DERIVED_FOREIGN_KEYS, first):
             # On the connection: its results tell how many rows were written.
             connection = session.connection()
-            rows = connection.execute(
-                sql.render(session, sql.RULE_CODES, pending_only=only)
-            ).rowcount
+            with indexes_built_after(session, [ComposeRuleCode], first, keys=True):
+                rows = connection.execute(
+                    sql.render(session, sql.RULE_CODES, pending_only=only)
+                ).rowcount
             if rules is None:
                 _analyze_if_grown(session, "compose_rule_code", rows)
             rows = 0
             for stratum in range(passes):
-                computed = connection.execute(
-                    sql.render(session, sql.MATERIALIZE, pending_only=only),
-                    {"stratum": stratum},
-                ).rowcount
+                # The first pass fills the empty table of a first load; later passes
+                # read what it wrote through the indexes.
+                with indexes_built_after(
+                    session, [ValueSetMember], first and stratum == 0, keys=True
+                ):
+                    computed = connection.execute(
+                        sql.render(session, sql.MATERIALIZE, pending_only=only),
+                        {"stratum": stratum},
+                    ).rowcount
                 if only:
                     rows += _store_pass(connection, p, stratum)
                 else:
@@ -891,6 +897,42 @@ def keys_checked_after(
     yield
     for constraint in constraints:
         session.execute(sa.schema.AddConstraint(constraint))
+
+
+@contextmanager
+def indexes_built_after(
+    session: Session, models: Sequence[type[Base]], first: bool, *, keys: bool = False
+) -> Iterator[None]:
+    """On a first load, drop the indexes of the tables of ``models`` that enforce
+    nothing for the block, and build them after it from the rows.
+
+    Building an index from its table sorts the rows once; PostgreSQL inserting into
+    three b-trees row by row took 1.5 s for THO's 101,778 members, against 0.14 s for
+    the rows and 0.5 s for their three indexes built after (its manual's advice for
+    populating a database, as pg_restore does). ``keys``: the primary keys too, for
+    tables whose rows are unique by construction and that no foreign key points at.
+    ``first`` as for :func:`keys_checked_after`.
+    """
+    if not first:
+        yield
+        return
+    tables = [cast(sa.Table, model.__table__) for model in models]
+    indexes = [
+        index
+        for table in tables
+        for index in sorted(table.indexes, key=lambda index: str(index.name))
+        if not index.unique
+    ]
+    primary_keys = [table.primary_key for table in tables] if keys else []
+    for index in indexes:
+        session.execute(sa.schema.DropIndex(index))
+    for key in primary_keys:
+        session.execute(sa.schema.DropConstraint(key))
+    yield
+    for key in primary_keys:
+        session.execute(sa.schema.AddConstraint(key))
+    for index in indexes:
+        session.execute(sa.schema.CreateIndex(index))
 
 
 def _serialize(session: Session) -> None:
