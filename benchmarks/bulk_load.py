@@ -93,6 +93,7 @@ def run(ctx: Context, engine: str) -> None:
                 "write_s": statistics.median(load.write_s for load in loads),
                 "refresh_s": statistics.median(load.refresh_s for load in loads),
                 "peak_rss_mb": max(load.peak_rss_mb for load in loads),
+                "worker_peak_rss_mb": max(load.worker_peak_rss_mb for load in loads),
                 "baseline_rss_mb": loads[-1].baseline_rss_mb,
                 "files": summary.get("files"),
                 "code_systems": summary.get("code_systems_added"),

@@ -4,7 +4,8 @@
 each job line on stdin (``{"url", "paths", "replace"}``) forks a process that creates
 the schema (untimed, so the figure is the load itself), loads, and answers one JSON
 line on stdout: the wall time, the time of each phase (read and parse, write, refresh
-and commit, taken from the loader's progress callback) and the process's peak RSS.
+and commit, taken from the loader's progress callback), the process's peak RSS and that
+of the largest process that parsed files for it.
 
 A forked process starts with the server's resident set (an interpreter that has
 imported thodb, like a fresh ``thodb load``) and its own high-water mark, so its
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import resource
 import sys
 import time
 import traceback
@@ -72,6 +74,9 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         "write_s": write_end - read_end,
         "refresh_s": end - write_end if "expand" in marks else 0.0,
         "peak_rss_mb": _status_mb("VmHWM"),
+        # The processes that parsed files for it (thodb.fhir.pool), the largest one.
+        "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        / 1024,
         "baseline_rss_mb": baseline,
         "summary": summary,
         "error": error,

@@ -448,6 +448,7 @@ class ChildLoad:
     baseline_rss_mb: float
     summary: dict[str, Any]
     error: str | None = None
+    worker_peak_rss_mb: float = 0.0
 
 
 class _LoadServer:

@@ -224,7 +224,9 @@ def _outcomes(what: str, added: int, replaced: int, unchanged: int) -> str:
     return f"{what}: {added} added, {replaced} replaced, {unchanged} unchanged"
 
 
-def _run_load(paths: list[str], canonical_base: str, replace: bool) -> None:
+def _run_load(
+    paths: list[str], canonical_base: str, replace: bool, jobs: int | None = None
+) -> None:
     state = _state()
     _status(f"loading into {safe_url(state.engine().url)}")
     summary = load_paths(
@@ -233,6 +235,7 @@ def _run_load(paths: list[str], canonical_base: str, replace: bool) -> None:
         canonical_base=canonical_base,
         replace=replace,
         progress=_Progress(state.quiet),
+        jobs=jobs,
     )
     _print_summary(summary)
 
@@ -251,17 +254,26 @@ def _run_load(paths: list[str], canonical_base: str, replace: bool) -> None:
     is_flag=True,
     help="Replace a loaded url|version whose content differs (default: refuse).",
 )
-def load(paths: tuple[str, ...], canonical_base: str, replace: bool) -> None:
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Processes that parse the files (default: one per core; 1: parse in this one).",
+)
+def load(
+    paths: tuple[str, ...], canonical_base: str, replace: bool, jobs: int | None
+) -> None:
     """Load FHIR CodeSystem and ValueSet resources, in one transaction.
 
     PATHS are JSON or XML files, Bundles, FHIR NPM packages (.tgz) or folders (read
-    recursively). Any error stops the load and leaves the database as it was.
+    recursively). Any error stops the load and leaves the database as it was. Many
+    files are parsed on every core.
 
     \b
     Example:
       thodb load ../shared/data/tho
     """
-    _run_load(list(paths), canonical_base, replace)
+    _run_load(list(paths), canonical_base, replace, jobs)
 
 
 @main.command()

@@ -28,6 +28,11 @@ class LoadError(ThodbError):
         where = f"{source}: {path}" if path else source
         super().__init__(f"{where}: {message}")
 
+    def __reduce__(self) -> tuple[type[LoadError], tuple[str, str, str]]:
+        # As the arguments it was made with: a file read on another core reports
+        # its error through pickle.
+        return (type(self), (self.source, self.path, self.message))
+
 
 class NotFoundError(ThodbError):
     """A value set, code system or concept that was asked for is not loaded."""

@@ -25,13 +25,13 @@ from thodb import collector, migrate
 from thodb.canonical import canonical
 from thodb.db import is_sqlite, session_scope
 from thodb.errors import DatabaseError, LoadError
-from thodb.fhir.read import ReadCounts, Resource, expand_bundle, read_paths
+from thodb.fhir.pool import read_records, records_of
+from thodb.fhir.read import ReadCounts, Resource, expand_bundle
 from thodb.fhir.resources import (
     DEFAULT_CANONICAL_BASE,
     CodeSystemRecord,
     Record,
     ValueSetRecord,
-    parse_resource,
 )
 from thodb.models import (
     SCHEMA,
@@ -109,6 +109,7 @@ def load(
     canonical_base: str = DEFAULT_CANONICAL_BASE,
     replace: bool = False,
     progress: Progress | None = None,
+    jobs: int | None = None,
 ) -> LoadSummary:
     """Load every CodeSystem and ValueSet under ``paths`` in one transaction.
 
@@ -120,6 +121,8 @@ def load(
     :param replace: replace a loaded ``url|version`` whose content differs, instead of
         refusing the load.
     :param progress: see :data:`Progress`.
+    :param jobs: processes that parse the files (see :mod:`thodb.fhir.pool`); by
+        default one per core, 1 parses in this process.
     :raises LoadError: for bad input, naming the file and element path.
     :raises DatabaseError: when the schema is not at the current revision.
     """
@@ -128,7 +131,10 @@ def load(
     # Parsed resources and their rows form no reference cycles (see thodb.collector).
     with collector.paused():
         records = _parse(
-            read_paths(paths, counts), canonical_base, summary, progress, counts
+            read_records(paths, canonical_base, counts, jobs=jobs),
+            summary,
+            progress,
+            counts,
         )
         with session_scope(engine, write=True) as session:
             lock_for_load(session)
@@ -170,7 +176,7 @@ def load_resources(
         for i, data in enumerate(resources)
         for resource in expand_bundle(Resource(f"{source}[{i}]", data), counts)
     )
-    records = _parse(found, canonical_base, summary, None, counts)
+    records = _parse(records_of(found, canonical_base), summary, None, counts)
     lock_for_load(session)
     written = _write(session, records, replace, summary, None)
     if summary.changed:
@@ -266,21 +272,15 @@ def ensure_schema(connection: sa.Connection) -> None:
 
 
 def _parse(
-    resources: Iterable[Resource],
-    canonical_base: str,
+    records: Iterable[Record],
     summary: LoadSummary,
     progress: Progress | None,
     counts: ReadCounts,
 ) -> list[Record]:
+    """The records, each url|version once: a second copy is counted as a duplicate,
+    a different one refused."""
     by_key: dict[tuple[str, str, str | None], Record] = {}
-    for n, resource in enumerate(resources, start=1):
-        record = parse_resource(
-            resource.data,
-            resource.source,
-            canonical_base=canonical_base,
-            path_prefix=resource.path_prefix,
-            concepts=resource.concepts,
-        )
+    for n, record in enumerate(records, start=1):
         kind = "CodeSystem" if isinstance(record, CodeSystemRecord) else "ValueSet"
         key = (kind, record.url, record.version)
         first = by_key.get(key)
@@ -418,30 +418,51 @@ _NEW_IDS = sa.text(
 
 
 def _copy(session: Session, model: type[Any], rows: list[dict[str, Any]]) -> None:
-    """Write ``rows`` (all with the same keys) into ``model``'s table with COPY.
+    """Write ``rows`` (all with the same keys) into ``model``'s table through the
+    driver: PostgreSQL's COPY, SQLite's ``executemany``.
 
-    PostgreSQL's COPY takes the rows as one stream: several times faster than INSERT
-    statements, in the session's transaction like them.
+    COPY takes the rows as one stream, several times faster than INSERT statements;
+    on SQLite the driver's ``executemany`` of tuples takes a third of the time the
+    ORM's bulk insert of the same dicts took (THO: 0.4 s against 1.3 s). Both run
+    in the session's transaction.
     """
     table = model.__table__
-    names = list(rows[0])
+    # In the table's order, which is the order of the columns of a compiled INSERT.
+    names = [column.name for column in table.columns if column.name in rows[0]]
     as_json = {c.name for c in table.columns if isinstance(c.type, sa.JSON)}
+    values = (
+        [
+            json.dumps(row[n]) if n in as_json and row[n] is not None else row[n]
+            for n in names
+        ]
+        for row in rows
+    )
+    connection = session.connection()
+    raw = connection.connection.driver_connection
+    assert raw is not None, "the session's connection is open"
+    if is_sqlite(session):
+        # The connection's schema map (tho is the main database) applied by hand, as
+        # the driver runs the statement.
+        translate = connection.get_execution_options().get("schema_translate_map")
+        insert = sa.insert(table).compile(
+            dialect=connection.dialect,
+            column_keys=names,
+            schema_translate_map=translate,
+            render_schema_translate=translate is not None,
+        )
+        cursor = raw.cursor()
+        try:
+            cursor.executemany(str(insert), values)
+        finally:
+            cursor.close()
+        return
     statement = psycopg_sql.SQL("COPY {} ({}) FROM STDIN").format(
         psycopg_sql.Identifier(table.schema, table.name),
         psycopg_sql.SQL(", ").join(psycopg_sql.Identifier(n) for n in names),
     )
-    raw = session.connection().connection.driver_connection
-    assert raw is not None, "the session's connection is open"
     with raw.cursor() as cursor, cursor.copy(statement) as copy:
-        for row in rows:
-            copy.write_row(
-                [
-                    json.dumps(row[n])
-                    if n in as_json and row[n] is not None
-                    else row[n]
-                    for n in names
-                ]
-            )
+        for row in values:
+            copy.write_row(row)
 
 
 def _existing(
@@ -462,10 +483,7 @@ def _insert(session: Session, model: type[Any], rows: Iterable[dict[str, Any]]) 
     """Write ``rows`` (all with the same keys) in batches; return how many."""
     count = 0
     for batch in _batches_of(rows, _INSERT_BATCH):
-        if is_sqlite(session):
-            session.execute(sa.insert(model), batch)
-        else:
-            _copy(session, model, batch)
+        _copy(session, model, batch)
         count += len(batch)
     return count
 

@@ -58,6 +58,12 @@ class ReadCounts:
     skipped_not_fhir: int = 0
     skipped_other_types: int = 0
 
+    def add(self, other: ReadCounts) -> None:
+        """Count what ``other`` counted too."""
+        self.files += other.files
+        self.skipped_not_fhir += other.skipped_not_fhir
+        self.skipped_other_types += other.skipped_other_types
+
 
 def read_paths(
     paths: Sequence[str | Path], counts: ReadCounts | None = None
@@ -73,15 +79,39 @@ def read_paths(
     :raises LoadError: for a file that cannot be read or parsed, or a refused type.
     """
     counts = counts if counts is not None else ReadCounts()
+    for path, in_folder in files_of(paths):
+        yield from read_file(path, counts, in_folder=in_folder)
+
+
+def files_of(paths: Sequence[str | Path]) -> Iterator[tuple[Path, bool]]:
+    """The files :func:`read_paths` reads, in its order, each with whether it was found
+    in a folder (rather than named).
+
+    :raises LoadError: for a path that does not exist.
+    """
     for given in paths:
         path = Path(given)
         if path.is_dir():
             for child in sorted(p for p in path.rglob("*") if _wanted(p)):
-                yield from _read_file(child, counts, in_folder=True)
+                yield child, True
         elif path.exists():
-            yield from _read_file(path, counts, in_folder=False)
+            yield path, False
         else:
             raise LoadError(str(path), "", "no such file or folder")
+
+
+def read_whole(path: Path) -> bool:
+    """Whether ``path`` is read in one piece: not a package, not a JSON file large
+    enough to be streamed (see :mod:`thodb.fhir.stream`)."""
+    name = path.name.lower()
+    if name.endswith(_PACKAGE_SUFFIXES):
+        return False
+    if name.endswith(".xml"):
+        return True
+    try:
+        return path.stat().st_size < stream.STREAM_BYTES
+    except OSError:
+        return True  # read_file names the error
 
 
 def _wanted(path: Path) -> bool:
@@ -93,9 +123,9 @@ def _wanted(path: Path) -> bool:
     )
 
 
-def _read_file(
-    path: Path, counts: ReadCounts, *, in_folder: bool
-) -> Iterator[Resource]:
+def read_file(path: Path, counts: ReadCounts, *, in_folder: bool) -> Iterator[Resource]:
+    """The resources of one file (see :func:`read_paths`); ``in_folder``: it was
+    found in a folder, so JSON that is not a FHIR resource is passed over."""
     counts.files += 1
     name = path.name.lower()
     source = str(path)
