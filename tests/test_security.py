@@ -477,8 +477,9 @@ _SAFE_BY_MODULE = {
     "reporting.py": frozenset({"quoted", "name", "signature"}),
     # Test databases named from a counter and a random run id.
     "conformance/operations.py": frozenset({"name"}),
-    # Conditions that a column (a fixed name) is one of the ids bound as :ids.
-    "refresh.py": frozenset({"of_set", "of_rule", "where"}),
+    # Conditions that a column (a fixed name) is one of the ids bound as :ids; the
+    # tables and columns to analyze, from the module's constants and the loader's.
+    "refresh.py": frozenset({"of_set", "of_rule", "where", "listed"}),
     "sql.py": frozenset({"column"}),
 }
 

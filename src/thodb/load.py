@@ -34,7 +34,6 @@ from thodb.fhir.resources import (
     ValueSetRecord,
 )
 from thodb.models import (
-    SCHEMA,
     CodeSystem,
     CodeSystemProperty,
     ComposeConcept,
@@ -51,6 +50,7 @@ from thodb.refresh import (
     ANALYZE_SCALE,
     RefreshSummary,
     Written,
+    analyze,
     foreign_keys,
     indexes_built_after,
     keys_checked_after,
@@ -231,9 +231,7 @@ def _prepare_refresh(session: Session, summary: LoadSummary) -> None:
     # would: the planner needs them after a first or large load, while after a few
     # resources ANALYZE would take longer than the incremental refresh that follows.
     if summary.written_rows >= ANALYZE_SCALE * known_rows(session, _WRITTEN_TABLES):
-        session.execute(
-            sa.text("ANALYZE " + ", ".join(f"{SCHEMA}.{t}" for t in _WRITTEN_TABLES))
-        )
+        analyze(session, _WRITTEN_TABLES)
 
 
 #: Key of the PostgreSQL advisory lock that serializes loads ("thodb" in ASCII).

@@ -410,7 +410,9 @@ member(value_set_id, system, code, display, version, inactive, abstract,
       AND """
     + _ACTIVE_UNLESS_ALLOWED
     + """
-    UNION
+    -- ALL: the UNION with the recursive part below keeps each row once, rows of these
+    -- two parts too; a UNION here sorted them all a first time (THO: 83,606 rows).
+    UNION ALL
     -- An include whose value sets were expanded in an earlier pass: the members of the
     -- first that are also in the others and in the system part, with the smallest
     -- display any of them gives.
