@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
+import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -162,3 +167,35 @@ def test_load_takes_the_number_of_jobs(tmp_path: Path) -> None:
     )
     assert refused.exit_code == 2
     assert "--jobs" in refused.output
+
+
+def _children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found.update(int(n) for n in (task / "children").read_text().split())
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc")
+def test_the_workers_end_when_the_loading_process_is_killed(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    command = "from thodb.cli import main; main()"
+    process = subprocess.Popen(
+        [sys.executable, "-c", command, "--database-url", url, "load", "--jobs", "2"]
+        + [str(THO)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    workers: set[int] = set()
+    deadline = time.monotonic() + 60
+    while len(workers) < 2 and process.poll() is None and time.monotonic() < deadline:
+        workers = _children(process.pid)
+        time.sleep(0.02)
+    assert len(workers) == 2, "the load started no workers"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in workers):
+        assert time.monotonic() < deadline, "a worker outlived the killed load"
+        time.sleep(0.05)

@@ -11,7 +11,8 @@ process: their concepts are read from the file as the load writes them.
 Workers are forked, which copies the caller's imports instead of starting a new
 interpreter: that is only done where the platform forks and the calling process runs
 one thread (a thread holding a lock when the process forks would leave that lock held
-for ever in the worker). Otherwise, or for a few files, everything is read here.
+for ever in the worker). Otherwise, or for a few files, everything is read here. A
+worker ends by itself when the loading process is killed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import logging
 import multiprocessing
 import os
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -72,7 +74,10 @@ def read_records(
         return
     log.debug("parsing %d files in %d processes", len(pooled), workers)
     executor = ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("fork")
+        workers,
+        mp_context=multiprocessing.get_context("fork"),
+        initializer=_end_with,
+        initargs=(os.getpid(),),
     )
     try:
         results = executor.map(_parse_file, pooled, chunksize=CHUNK)
@@ -87,6 +92,27 @@ def read_records(
         # Stopped early (an error here, or in the load that reads the records): the
         # chunks not started are dropped.
         executor.shutdown(wait=True, cancel_futures=True)
+
+
+#: How often a worker looks whether the loading process still runs (seconds).
+_WATCH_SECONDS = 0.2
+
+
+def _end_with(parent: int) -> None:
+    """In a worker: end as soon as the loading process ``parent`` has ended.
+
+    A loading process that is killed (``kill -9``) cannot stop its workers, and they
+    hold what it held when they were forked, its database connections among them:
+    while they run, the database server does not see that the load is gone and keeps
+    its transaction and locks.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_WATCH_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="thodb-parent-watch", daemon=True).start()
 
 
 def _may_fork() -> bool:
