@@ -9,10 +9,11 @@ process. Packages and JSON files large enough to be streamed are read in the cal
 process: their concepts are read from the file as the load writes them.
 
 Workers are forked, which copies the caller's imports instead of starting a new
-interpreter: that is only done where the platform forks and the calling process runs
-one thread (a thread holding a lock when the process forks would leave that lock held
-for ever in the worker). Otherwise, or for a few files, everything is read here. A
-worker ends by itself when the loading process is killed.
+interpreter. That is only done on Linux (macOS forks too, but the system libraries a
+process may have loaded are not safe to use after a fork there) and when the calling
+process runs one thread (a thread holding a lock when the process forks would leave
+that lock held for ever in the worker). Otherwise, or for a few files, everything is
+read here. A worker ends by itself when the loading process is killed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -116,10 +118,7 @@ def _end_with(parent: int) -> None:
 
 
 def _may_fork() -> bool:
-    return (
-        "fork" in multiprocessing.get_all_start_methods()
-        and threading.active_count() == 1
-    )
+    return sys.platform == "linux" and threading.active_count() == 1
 
 
 def records_of(resources: Iterable[Resource], canonical_base: str) -> Iterator[Record]:
