@@ -3,8 +3,9 @@
 ``python -m benchmarks.child`` is a small fork server: it imports thodb once, then for
 each job line on stdin (``{"url", "paths", "replace"}``) forks a process that creates
 the schema (untimed, so the figure is the load itself), loads, and answers one JSON
-line on stdout: the wall time, the time of each phase (read and parse, write, refresh
-and commit, taken from the loader's progress callback), the process's peak RSS and that
+line on stdout: the wall time, the time of each phase (read and parse, while the
+records parsed are written; the writing left after; refresh and commit, taken from the
+loader's progress callback), the process's peak RSS and that
 of the largest process that parsed files for it.
 
 A forked process starts with the server's resident set (an interpreter that has

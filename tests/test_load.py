@@ -429,6 +429,25 @@ def test_two_files_with_one_url_and_different_content_in_one_load(
         load(fresh_engine, [_write(tmp_path, _code_system(), one, two)])
 
 
+def test_a_conflict_found_after_rows_were_written_leaves_the_database_as_it_was(
+    fresh_engine: Engine, tmp_path: Path
+) -> None:
+    # Resources are written in batches as they are read (50 code systems a batch):
+    # here the first batch is written before the last file repeats r0's url.
+    before = _baseline(fresh_engine, tmp_path)
+    systems = [
+        {**_code_system(), "url": f"http://example.org/CodeSystem/batch-{n}"}
+        for n in range(60)
+    ]
+    conflict = {**systems[0], "concept": [{"code": "other"}]}
+    folder = _write(tmp_path / "many", *systems, conflict)
+    stages: list[str] = []
+    with pytest.raises(LoadError, match=r"r60.json: url: .* is also in .*r0.json"):
+        load(fresh_engine, [folder], progress=lambda stage, _: stages.append(stage))
+    assert "write" in stages
+    assert table_checksums(fresh_engine) == before
+
+
 # --- formats -----------------------------------------------------------------------
 
 

@@ -25,7 +25,7 @@ from thodb import collector, migrate
 from thodb.canonical import canonical
 from thodb.db import is_sqlite, session_scope
 from thodb.errors import DatabaseError, LoadError
-from thodb.fhir.pool import read_records, records_of
+from thodb.fhir.pool import records_of, records_read
 from thodb.fhir.read import ReadCounts, Resource, expand_bundle
 from thodb.fhir.resources import (
     DEFAULT_CANONICAL_BASE,
@@ -129,27 +129,28 @@ def load(
     summary = LoadSummary()
     counts = ReadCounts()
     # Parsed resources and their rows form no reference cycles (see thodb.collector).
-    with collector.paused():
-        records = _parse(
-            read_records(paths, canonical_base, counts, jobs=jobs),
-            summary,
-            progress,
-            counts,
-        )
-        with session_scope(engine, write=True) as session:
-            lock_for_load(session)
-            ensure_schema(session.connection())
-            first = _first_load(session)
-            with (
-                keys_checked_after(session, _WRITTEN_FOREIGN_KEYS, first),
-                indexes_built_after(session, _WRITTEN_MODELS, first),
-            ):
-                written = _write(session, records, replace, summary, progress)
-            if summary.changed:
-                if progress:
-                    progress("expand", 0)
-                _prepare_refresh(session, summary)
-                summary.refresh = refresh(session, written=written)
+    # The files are parsed while the records already parsed are written: the parse
+    # workers are forked before the transaction begins, and a file that cannot be
+    # parsed rolls back what was written.
+    with (
+        collector.paused(),
+        records_read(paths, canonical_base, counts, jobs=jobs) as parsed,
+        session_scope(engine, write=True) as session,
+    ):
+        lock_for_load(session)
+        ensure_schema(session.connection())
+        first = _first_load(session)
+        records = _unique(parsed, summary, progress, counts)
+        with (
+            keys_checked_after(session, _WRITTEN_FOREIGN_KEYS, first),
+            indexes_built_after(session, _WRITTEN_MODELS, first),
+        ):
+            written = _write(session, records, replace, summary, progress)
+        if summary.changed:
+            if progress:
+                progress("expand", 0)
+            _prepare_refresh(session, summary)
+            summary.refresh = refresh(session, written=written)
     return summary
 
 
@@ -176,7 +177,7 @@ def load_resources(
         for i, data in enumerate(resources)
         for resource in expand_bundle(Resource(f"{source}[{i}]", data), counts)
     )
-    records = _parse(records_of(found, canonical_base), summary, None, counts)
+    records = _unique(records_of(found, canonical_base), summary, None, counts)
     lock_for_load(session)
     written = _write(session, records, replace, summary, None)
     if summary.changed:
@@ -269,29 +270,30 @@ def ensure_schema(connection: sa.Connection) -> None:
         )
 
 
-def _parse(
+def _unique(
     records: Iterable[Record],
     summary: LoadSummary,
     progress: Progress | None,
     counts: ReadCounts,
-) -> list[Record]:
+) -> Iterator[Record]:
     """The records, each url|version once: a second copy is counted as a duplicate,
-    a different one refused."""
-    by_key: dict[tuple[str, str, str | None], Record] = {}
+    a different one refused. The summary's file counts are set once all are read."""
+    first_of: dict[tuple[str, str, str | None], tuple[str, str]] = {}
     for n, record in enumerate(records, start=1):
         kind = "CodeSystem" if isinstance(record, CodeSystemRecord) else "ValueSet"
         key = (kind, record.url, record.version)
-        first = by_key.get(key)
+        first = first_of.get(key)
         if first is None:
-            by_key[key] = record
-        elif first.content_hash == record.content_hash:
+            first_of[key] = (record.content_hash, record.source)
+            yield record
+        elif first[0] == record.content_hash:
             summary.duplicates.append(record.source)
         else:
             raise LoadError(
                 record.source,
                 "url",
                 f"{kind} {canonical(record.url, record.version)} is also in "
-                f"{first.source} with different content",
+                f"{first[1]} with different content",
             )
         if progress and n % 50 == 0:
             progress("read", counts.files)
@@ -300,7 +302,6 @@ def _parse(
     summary.skipped_other_types = counts.skipped_other_types
     if progress:
         progress("read", counts.files)
-    return list(by_key.values())
 
 
 #: The content hash of a row that the next load of its resource rewrites, whatever the
@@ -310,15 +311,52 @@ STALE_HASH = ""
 
 def _write(
     session: Session,
-    records: list[Record],
+    records: Iterable[Record],
     replace: bool,
     summary: LoadSummary,
     progress: Progress | None,
 ) -> Written:
-    """Write the records that are new or changed; return the urls of what was written."""
+    """Write the records that are new or changed, in batches as they come; return the
+    urls of what was written."""
     existing = _existing(session)
     code_systems: list[CodeSystemRecord] = []
     value_sets: list[ValueSetRecord] = []
+    written_cs: set[str] = set()
+    written_vs: set[str] = set()
+    written = 0
+
+    def write_code_systems() -> None:
+        nonlocal written
+        summary.written_rows += sum(
+            1
+            + len(r.properties)
+            + sum(
+                1 + len(c.designations) + len(c.properties) + len(c.parents)
+                for c in r.concepts
+            )
+            for r in code_systems
+        )
+        _write_code_systems(session, code_systems, summary)
+        written += len(code_systems)
+        code_systems.clear()
+        if progress:
+            progress("write", written)
+
+    def write_value_sets() -> None:
+        nonlocal written
+        summary.written_rows += sum(
+            1
+            + sum(
+                1 + len(u.concepts) + len(u.filters) + len(u.imports) for u in r.rules
+            )
+            for r in value_sets
+        )
+        _write_value_sets(session, value_sets)
+        written += len(value_sets)
+        value_sets.clear()
+        if progress:
+            progress("write", written)
+
     for record in records:
         is_cs = isinstance(record, CodeSystemRecord)
         kind = "CodeSystem" if is_cs else "ValueSet"
@@ -342,52 +380,36 @@ def _write(
                 )
             model = CodeSystem if is_cs else ValueSet
             session.execute(sa.delete(model).where(model.id == row_id))
+        # Written in batches: one COPY (or executemany) per table and batch, instead of
+        # a round trip per resource.
         if isinstance(record, CodeSystemRecord):
             code_systems.append(record)
+            written_cs.add(record.url)
             if found is None:
                 summary.code_systems_added += 1
             else:
                 summary.code_systems_replaced += 1
+            if len(code_systems) == _CODE_SYSTEM_BATCH:
+                write_code_systems()
         else:
             value_sets.append(record)
+            written_vs.add(record.url)
             if found is None:
                 summary.value_sets_added += 1
             else:
                 summary.value_sets_replaced += 1
-
-    summary.written_rows += sum(
-        1
-        + len(r.properties)
-        + sum(
-            1 + len(c.designations) + len(c.properties) + len(c.parents)
-            for c in r.concepts
-        )
-        for r in code_systems
-    ) + sum(
-        1 + sum(1 + len(u.concepts) + len(u.filters) + len(u.imports) for u in r.rules)
-        for r in value_sets
-    )
-    # Written in batches: one multi-row INSERT per table and batch, ids returned in
-    # parameter order, instead of a round trip per resource.
-    written = 0
-    for batch in _batches(code_systems, 50):
-        _write_code_systems(session, batch, summary)
-        written += len(batch)
-        if progress:
-            progress("write", written)
-    for vs_batch in _batches(value_sets, 500):
-        _write_value_sets(session, vs_batch)
-        written += len(vs_batch)
-        if progress:
-            progress("write", written)
-    return Written(
-        frozenset(r.url for r in code_systems), frozenset(r.url for r in value_sets)
-    )
+            if len(value_sets) == _VALUE_SET_BATCH:
+                write_value_sets()
+    if code_systems:
+        write_code_systems()
+    if value_sets:
+        write_value_sets()
+    return Written(frozenset(written_cs), frozenset(written_vs))
 
 
-def _batches(items: list[T], size: int) -> Iterator[list[T]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+#: Resources per batch written.
+_CODE_SYSTEM_BATCH = 50
+_VALUE_SET_BATCH = 500
 
 
 def _allocate_ids(session: Session, model: type[Any], count: int) -> list[int]:

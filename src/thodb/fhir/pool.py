@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 from thodb.fhir.read import ReadCounts, Resource, files_of, read_file, read_whole
@@ -63,6 +64,21 @@ def read_records(
     :raises LoadError: for the first file, in that order, that cannot be read or
         parsed.
     """
+    with records_read(paths, canonical_base, counts, jobs=jobs) as records:
+        yield from records
+
+
+@contextmanager
+def records_read(
+    paths: Sequence[str | Path],
+    canonical_base: str,
+    counts: ReadCounts,
+    *,
+    jobs: int | None = None,
+) -> Iterator[Iterator[Record]]:
+    """:func:`read_records` as a block: the workers are forked when it starts, so a
+    caller can fork them before it opens a database transaction, and they end with it
+    (the chunks not started yet are dropped when the block ends early)."""
     files = [(path, in_folder, read_whole(path)) for path, in_folder in files_of(paths)]
     pooled = [
         (str(path), in_folder, canonical_base)
@@ -71,8 +87,11 @@ def read_records(
     ]
     workers = min(default_jobs() if jobs is None else jobs, len(pooled) // CHUNK)
     if workers < 2 or len(pooled) < MIN_FILES or not _may_fork():
-        for path, in_folder, _ in files:
-            yield from _records(path, in_folder, canonical_base, counts)
+        yield (
+            record
+            for path, in_folder, _ in files
+            for record in _records(path, in_folder, canonical_base, counts)
+        )
         return
     log.debug("parsing %d files in %d processes", len(pooled), workers)
     executor = ProcessPoolExecutor(
@@ -82,17 +101,20 @@ def read_records(
         initargs=(os.getpid(),),
     )
     try:
+        # Every chunk is handed out now: the workers fork and start at once.
         results = executor.map(_parse_file, pooled, chunksize=CHUNK)
-        for path, in_folder, whole in files:
-            if whole:
-                records, found = next(results)
-                counts.add(found)
-                yield from records
-            else:
-                yield from _records(path, in_folder, canonical_base, counts)
+
+        def in_order() -> Iterator[Record]:
+            for path, in_folder, whole in files:
+                if whole:
+                    records, found = next(results)
+                    counts.add(found)
+                    yield from records
+                else:
+                    yield from _records(path, in_folder, canonical_base, counts)
+
+        yield in_order()
     finally:
-        # Stopped early (an error here, or in the load that reads the records): the
-        # chunks not started are dropped.
         executor.shutdown(wait=True, cancel_futures=True)
 
 
