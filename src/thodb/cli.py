@@ -258,7 +258,8 @@ def _run_load(
     "--jobs",
     type=click.IntRange(min=1),
     metavar="N",
-    help="Processes that parse the files (default: one per core; 1: parse in this one).",
+    help="Processes that parse the files, on Linux (default: one per core; 1: parse "
+    "in the loading process).",
 )
 def load(
     paths: tuple[str, ...], canonical_base: str, replace: bool, jobs: int | None
@@ -266,8 +267,8 @@ def load(
     """Load FHIR CodeSystem and ValueSet resources, in one transaction.
 
     PATHS are JSON or XML files, Bundles, FHIR NPM packages (.tgz) or folders (read
-    recursively). Any error stops the load and leaves the database as it was. Many
-    files are parsed on every core.
+    recursively). Any error stops the load and leaves the database as it was. On
+    Linux, many files are parsed on every core.
 
     \b
     Example:
