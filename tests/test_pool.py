@@ -28,7 +28,7 @@ from thodb import migrate
 from thodb.cli import main
 from thodb.db import schema_prefix
 from thodb.errors import LoadError
-from thodb.fhir.pool import CHUNK, MIN_FILES, read_records
+from thodb.fhir.pool import CHUNK, MIN_FILES, records_read
 from thodb.fhir.read import ReadCounts
 from thodb.fhir.resources import CodeSystemRecord, Record
 from thodb.load import DEFAULT_CANONICAL_BASE, load
@@ -39,7 +39,8 @@ IN_PROCESSES = "files in 2 processes"
 
 def _read(paths: list[Path], jobs: int) -> tuple[list[Record], ReadCounts]:
     counts = ReadCounts()
-    records = list(read_records(paths, DEFAULT_CANONICAL_BASE, counts, jobs=jobs))
+    with records_read(paths, DEFAULT_CANONICAL_BASE, counts, jobs=jobs) as read:
+        records = list(read)
     return records, counts
 
 

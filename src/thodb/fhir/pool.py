@@ -1,7 +1,7 @@
 """Reading many files on several cores.
 
 Parsing is most of a load's Python time (THO: 4,939 files, 1.7 s of a 5 s load into
-PostgreSQL), and each file is parsed on its own. :func:`read_records` hands the files
+PostgreSQL), and each file is parsed on its own. :func:`records_read` hands the files
 that are read whole to worker processes, in chunks, and yields their records in the
 order :func:`thodb.fhir.read.read_paths` reads them, so a load sees the same records,
 the same duplicates and the first error in the same place as when it reads them in one
@@ -50,24 +50,6 @@ def default_jobs() -> int:
     return os.cpu_count() or 1
 
 
-def read_records(
-    paths: Sequence[str | Path],
-    canonical_base: str,
-    counts: ReadCounts,
-    *,
-    jobs: int | None = None,
-) -> Iterator[Record]:
-    """The record of every CodeSystem and ValueSet under ``paths``, in the order of
-    :func:`thodb.fhir.read.read_paths`, parsed by up to ``jobs`` processes (default:
-    :func:`default_jobs`; 1 parses here).
-
-    :raises LoadError: for the first file, in that order, that cannot be read or
-        parsed.
-    """
-    with records_read(paths, canonical_base, counts, jobs=jobs) as records:
-        yield from records
-
-
 @contextmanager
 def records_read(
     paths: Sequence[str | Path],
@@ -76,9 +58,17 @@ def records_read(
     *,
     jobs: int | None = None,
 ) -> Iterator[Iterator[Record]]:
-    """:func:`read_records` as a block: the workers are forked when it starts, so a
-    caller can fork them before it opens a database transaction, and they end with it
-    (the chunks not started yet are dropped when the block ends early)."""
+    """The record of every CodeSystem and ValueSet under ``paths``, in the order of
+    :func:`thodb.fhir.read.read_paths`, parsed by up to ``jobs`` processes (default:
+    :func:`default_jobs`; 1 parses here), as an iterator the block reads.
+
+    The workers are forked when the block starts, so a caller can fork them before it
+    opens a database transaction, and they end with it (the chunks not started yet are
+    dropped when the block ends early).
+
+    :raises LoadError: for the first file, in that order, that cannot be read or
+        parsed (as the iterator reaches it).
+    """
     files = [(path, in_folder, read_whole(path)) for path, in_folder in files_of(paths)]
     pooled = [
         (str(path), in_folder, canonical_base)
