@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import Connection, Engine, TextClause, text
+from sqlalchemy.dialects.postgresql import psycopg
 from sqlalchemy.orm import Session
 
 from thodb.db import schema_prefix
@@ -84,6 +85,25 @@ def _for_driver(prefix: str, template: str) -> str:
     if not prefix:  # SQLite, whose driver takes ? itself
         return statement
     return statement.replace("?", "%s")
+
+
+def named_for_driver(bind: Session | Connection, template: str) -> str:
+    """The statement :func:`render` makes of ``template``, as ``bind``'s DB-API driver
+    takes it with its ``:name`` parameters given as a mapping: for a statement whose
+    many rows are read on the DB-API cursor."""
+    return _named_for_driver(schema_prefix(bind), template)
+
+
+@functools.cache
+def _named_for_driver(prefix: str, template: str) -> str:
+    clause = _render(prefix, template, False)
+    if not prefix:  # SQLite, whose driver takes :name itself
+        return clause.text
+    return str(clause.compile(dialect=_PSYCOPG))
+
+
+# The statements compile alike for every PostgreSQL engine (psycopg's pyformat).
+_PSYCOPG = psycopg.dialect()  # type: ignore[no-untyped-call]
 
 
 def render(
