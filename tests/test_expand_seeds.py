@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import cache
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -74,6 +75,35 @@ def test_a_live_expansion_leaves_the_jit_setting_as_it_was(
         live = expand(session, IMAGE_REFERENCE_TYPE, live=True)
         assert session.scalar(sa.text("SHOW jit")) == setting
     assert len(live.contains) == len(_expected(IMAGE_REFERENCE_TYPE))
+
+
+@pytest.mark.parametrize("engine_kind", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("setting", ["on", "off"])
+def test_the_statement_run_without_jit_sees_it_off_and_the_caller_as_before(
+    seeded_engine: Engine, setting: str
+) -> None:
+    # The live statement's helper turns JIT off, runs the statement and puts the
+    # setting back in one pipeline; a statement that fails leaves the transaction
+    # failed, and its rollback puts the setting back too.
+    with seeded_engine.connect() as connection:
+        connection.execute(sa.text(f"SET jit = {setting}"))
+        connection.commit()
+        try:
+            names, rows = sql.fetch_without_jit(
+                connection,
+                "SELECT current_setting('jit') AS seen, %(n)s AS n",
+                {"n": 7},
+            )
+            assert (names, rows) == (["seen", "n"], [("off", 7)])
+            assert connection.scalar(sa.text("SHOW jit")) == setting
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                sql.fetch_without_jit(connection, "SELECT 1 / %(n)s", {"n": 0})
+            connection.rollback()
+            assert connection.scalar(sa.text("SHOW jit")) == setting
+        finally:
+            connection.rollback()
+            connection.execute(sa.text("RESET jit"))
+            connection.commit()
 
 
 @pytest.mark.parametrize("engine_kind", ["sqlite"], indirect=True)

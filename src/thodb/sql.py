@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 from sqlalchemy import Connection, Engine, TextClause, text
 from sqlalchemy.dialects.postgresql import psycopg
@@ -69,6 +70,40 @@ def without_jit(session: Session) -> Iterator[None]:
         session.execute(
             text("SELECT set_config('jit', :before, true)"), {"before": before}
         )
+
+
+def fetch_without_jit(
+    connection: Connection, statement: str, parameters: Mapping[str, object]
+) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """The column names and rows of ``statement`` (in the driver's parameter style,
+    see :func:`named_for_driver`), run on the DB-API cursor with PostgreSQL's JIT off
+    as :func:`without_jit` does it, for a statement a service runs often: on
+    PostgreSQL the setting is turned off, the statement run and the setting put back in
+    one round trip (psycopg's pipeline), where :func:`without_jit` takes three."""
+    driver: Any = connection.connection.driver_connection
+    if not schema_prefix(connection):  # SQLite
+        cursor = driver.cursor()
+        try:
+            cursor.execute(statement, parameters)
+            return [c[0] for c in cursor.description], cursor.fetchall()
+        finally:
+            cursor.close()
+    with driver.cursor() as off, driver.cursor() as main, driver.cursor() as back:
+        with driver.pipeline():
+            off.execute(_JIT_OFF)
+            main.execute(statement, parameters)
+            back.execute(_JIT_BACK)
+        return [c.name for c in main.description], main.fetchall()
+
+
+# The setting as it was (read from the CTE before set_config runs) is kept in a
+# setting of thodb's own for the rest of the transaction, and set again from there.
+_JIT_OFF = (
+    "WITH before AS MATERIALIZED (SELECT current_setting('jit') AS jit) "
+    "SELECT set_config('thodb.jit_before', jit, true), set_config('jit', 'off', true) "
+    "FROM before"
+)
+_JIT_BACK = "SELECT set_config('jit', current_setting('thodb.jit_before'), true)"
 
 
 def for_driver(bind: Engine | Session | Connection, template: str) -> str:
