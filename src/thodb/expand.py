@@ -520,15 +520,18 @@ def _expand(
         )
     ]
 
-    members = _decorate(
+    # The (system, version) of the rows: the code systems the members are of.
+    pairs = {(row[0], row[3]) for row in rows}
+    every = _decorate(
         session,
         rows,
+        pairs,
         value_set.id if stored else None,
         options,
         supplements,
         definition,
     )
-    members = _wanted_members(members, options)
+    members = _wanted_members(every, options)
     total = len(members)
     paged = options.offset > 0 or options.count is not None
     if options.max_size is not None and total > options.max_size and not paged:
@@ -542,10 +545,15 @@ def _expand(
     if paged:
         end = None if options.count is None else options.offset + options.count
         members = members[options.offset : end]
-    elif options.hierarchical:
+    shown = (
+        pairs
+        if members is every
+        else {(member.system, member.version) for member in members}
+    )
+    if options.hierarchical and not paged:
         members = _nest(session, members)
 
-    versioned = _versioned_systems(definition.versions_of, members)
+    versioned = _versioned_systems(definition.versions_of, shown)
     return Expansion(
         url=value_set.url,
         version=value_set.version,
@@ -563,12 +571,14 @@ def _expand(
 
 
 def _versioned_systems(
-    versions_of: Mapping[str, frozenset[str | None]], members: list[Member]
+    versions_of: Mapping[str, frozenset[str | None]],
+    pairs: Iterable[tuple[str, str | None]],
 ) -> tuple[str, ...]:
-    """The systems the includes name several versions of, or shown in several."""
+    """The systems the includes name several versions of, or that the members shown
+    (their (system, version) ``pairs``) have in several."""
     shown: dict[str, set[str | None]] = defaultdict(set)
-    for member in members:
-        shown[member.system].add(member.version)
+    for system, version in pairs:
+        shown[system].add(version)
     return tuple(
         sorted(
             s
@@ -792,13 +802,15 @@ def listed_annotations(
 def _decorate(
     session: Session,
     rows: list[_Row],
+    pairs: set[tuple[str, str | None]],
     stored_id: int | None,
     options: ExpandOptions,
     supplements: list[CodeSystemInfo],
     definition: _Definition,
 ) -> list[Member]:
     """The members of membership ``rows``, with what the options ask for, ordered as
-    their code systems order their concepts.
+    their code systems order their concepts; ``pairs``: the (system, version) of the
+    rows.
 
     The rows name their concepts by id, so a few statements read the details of any
     number of codes (``stored_id``: the value set whose ``value_set_member`` rows they
@@ -852,7 +864,7 @@ def _decorate(
             (cs for cs in definition.loaded.get(system, []) if cs.version == version),
             None,
         )
-        for system, version in {(row[0], row[3]) for row in rows}
+        for system, version in pairs
     }
     if supplements:
         for (system, version), cs in systems.items():
@@ -872,7 +884,19 @@ def _decorate(
                     properties=wanted_properties,
                 )
     unloaded = 1 << 62  # after every concept of the code system, by code
-    result: list[tuple[tuple[str, int, str], Member]] = []
+    result: list[tuple[tuple[str, int, str], Member]]
+    if not found:
+        # Every member is its row (the common case, made in one comprehension).
+        result = [
+            (
+                (system, unloaded if concept_id is None else concept_id, code),
+                Member(system, code, display, version, bool(inactive), bool(abstract)),
+            )
+            for system, code, display, version, inactive, abstract, concept_id in rows
+        ]
+        result.sort(key=_FIRST)
+        return [member for _, member in result]
+    result = []
     for row in rows:
         system, code, display, version, inactive, abstract, concept_id = row
         details = None if concept_id is None else found.get(concept_id)
@@ -942,8 +966,8 @@ def _dress(
                 )
         designations = tuple(chosen)
     properties: list[Property] = []
-    for code in options.properties:
-        if code == "definition" and details.definition is not None:
+    for asked in options.properties:
+        if asked == "definition" and details.definition is not None:
             properties.append(Property("definition", "string", details.definition))
     if details.properties:
         shown = {*options.properties, *SHOWN_PROPERTIES}
