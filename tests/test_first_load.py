@@ -3,7 +3,7 @@ those the refresh fills after filling them, and builds their indexes (and the pr
 keys of the two filled tables) after them: it must end with the constraints and
 indexes the migrations make, and must not wait for a transaction that holds those tables. It also
 leaves the planner statistics of those tables, which have none before, and of the
-tables it wrote."""
+tables it wrote, and the statistics of the strata for the passes that select by them."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from conftest import Databases
-from thodb import migrate
+from thodb import migrate, sql
 from thodb.db import session_scope
 from thodb.expand import expand
 from thodb.load import load
+from thodb.refresh import refresh
 
 CS = "http://example.org/CodeSystem/first-load"
 VS = "http://example.org/ValueSet/first-load"
@@ -222,3 +223,47 @@ def test_a_first_load_leaves_statistics_of_the_final_statuses(
             )
         )
     assert common == "{expanded,not-expandable}"
+
+
+def test_the_passes_are_planned_with_statistics_of_the_strata(
+    postgresql: Engine, tmp_path: Path
+) -> None:
+    # The loader analyzes value_set before any value set has a stratum; a pass selects
+    # its value sets by stratum, so the strata are analyzed before the first pass runs.
+    with postgresql.begin() as connection:
+        migrate.upgrade(connection)
+    seen: list[str] = []
+
+    def note(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        text = " ".join(statement.split())
+        if text.startswith("ANALYZE tho.value_set "):
+            seen.append("analyze " + text.split("(", 1)[1].rstrip(")"))
+        elif "FROM tho.value_set WHERE stratum =" in text and "INSERT INTO" in text:
+            seen.append("pass")
+
+    sa.event.listen(postgresql, "before_cursor_execute", note)
+    try:
+        load(postgresql, [_content(tmp_path / "content")])
+    finally:
+        sa.event.remove(postgresql, "before_cursor_execute", note)
+
+    assert "pass" in seen
+    before_the_passes = seen[: seen.index("pass")]
+    assert any("stratum" in entry for entry in before_the_passes)
+
+
+@pytest.mark.parametrize(("setting", "inside"), [("4MB", "64MB"), ("128MB", "128MB")])
+def test_a_refresh_raises_work_mem_for_itself_only(
+    postgresql: Engine, setting: str, inside: str
+) -> None:
+    # The sorts and hashes of a refresh get at least 64 MB; a larger setting stays, and
+    # the caller's setting is as before afterwards.
+    with session_scope(postgresql) as session:
+        session.execute(sa.text(f"SET LOCAL work_mem = '{setting}'"))
+        with sql.work_mem_at_least(session, 64 * 1024):
+            assert session.scalar(sa.text("SHOW work_mem")) == inside
+        assert session.scalar(sa.text("SHOW work_mem")) == setting
+        migrate.upgrade(session.connection())
+        refresh(session)
+        assert session.scalar(sa.text("SHOW work_mem")) == setting
+        session.rollback()

@@ -72,6 +72,38 @@ def without_jit(session: Session) -> Iterator[None]:
         )
 
 
+@contextmanager
+def work_mem_at_least(session: Session, kilobytes: int) -> Iterator[None]:
+    """Run the block with PostgreSQL's ``work_mem`` at least ``kilobytes`` (a larger
+    setting stays), and its setting as before afterwards (local to the transaction).
+
+    The sorts and hashes of a refresh over all of THO need more than the default 4 MB:
+    with it they spill to disk (the 102,216 rows of the member walk sorted by an
+    external merge, the rule codes hashed in four batches).
+    """
+    if not schema_prefix(session):  # SQLite
+        yield
+        return
+    before, known = session.execute(
+        text(
+            "SELECT current_setting('work_mem'), setting::bigint "
+            "FROM pg_settings WHERE name = 'work_mem'"
+        )
+    ).one()
+    raised = known < kilobytes
+    if raised:
+        session.execute(
+            text("SELECT set_config('work_mem', :wanted, true)"),
+            {"wanted": f"{kilobytes}kB"},
+        )
+    yield
+    # Not after an error: the end of the transaction puts the setting back anyway.
+    if raised:
+        session.execute(
+            text("SELECT set_config('work_mem', :before, true)"), {"before": before}
+        )
+
+
 def fetch_without_jit(
     connection: Connection, statement: str, parameters: Mapping[str, object]
 ) -> tuple[list[str], list[tuple[Any, ...]]]:
