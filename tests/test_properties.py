@@ -42,6 +42,7 @@ from thodb.expand import expand
 from thodb.load import load
 
 CS = "http://example.org/CodeSystem/prop"
+UNLOADED = "http://example.org/CodeSystem/not-loaded"
 NOT_LOADED = "http://example.org/CodeSystem/prop-not-loaded"
 VS = "http://example.org/ValueSet/prop-"
 MODES = ("clean", "cycle", "missing-import", "missing-code-system")
@@ -317,6 +318,47 @@ INTERSECTION_DISPLAY = (
 )
 
 
+#: A union whose system parts list the same code of a code system that is not loaded
+#: with other displays (and one without), directly and through two imports: one
+#: member, with the smallest display given (the live statement reads each system
+#: part's row of the code and merges them).
+UNION_DISPLAYS = (
+    "clean",
+    [
+        {
+            "resourceType": "CodeSystem",
+            "url": CS,
+            "version": "1",
+            "status": "active",
+            "content": "complete",
+            "concept": [{"code": "c0"}],
+        },
+        _value_set(
+            "0",
+            {"valueSet": [VS + "1"]},
+            {"valueSet": [VS + "2"]},
+            {"valueSet": [VS + "3"]},
+            {"system": UNLOADED, "concept": [{"code": "c1"}, {"code": "c0"}]},
+        ),
+        _value_set(
+            "1", {"system": UNLOADED, "concept": [{"code": "c0", "display": "VS zed"}]}
+        ),
+        _value_set(
+            "2",
+            {
+                "system": UNLOADED,
+                "concept": [
+                    {"code": "c0", "display": "VS alpha"},
+                    {"code": "c1", "display": "VS one"},
+                ],
+            },
+        ),
+        _value_set(
+            "3", {"system": UNLOADED, "concept": [{"code": "c0", "display": "VS beta"}]}
+        ),
+    ],
+)
+
 # --- databases -------------------------------------------------------------------------
 
 
@@ -401,4 +443,11 @@ def test_a_display_reached_through_an_intersection_is_the_smallest_given(
     reusable: _Reusable,
 ) -> None:
     mode, resources = INTERSECTION_DISPLAY
+    _check(reusable, resources, mode)
+
+
+def test_a_code_several_parts_of_a_union_list_is_one_member_with_the_least_display(
+    reusable: _Reusable,
+) -> None:
+    mode, resources = UNION_DISPLAYS
     _check(reusable, resources, mode)

@@ -18,7 +18,7 @@ import weakref
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -709,7 +709,43 @@ def _read_members(session: Session, value_set: ValueSet, live: bool) -> list[_Ro
     )
     # By name: the live statement has more columns, in another order.
     pick = operator.itemgetter(*(names.index(name) for name in _ROW_COLUMNS))
-    return list(map(pick, rows))
+    return _one_per_code(map(pick, rows))
+
+
+def _one_per_code(rows: Iterable[_Row]) -> list[_Row]:
+    """One row per (system, code) of the live statement's ``rows``: a code that
+    several system parts list, merged as the refresh merges it (``sql._COLLAPSE``):
+    the least version, display and concept id, inactive or abstract if one row is."""
+    found: dict[tuple[str, str], _Row] = {}
+    for row in rows:
+        key = (row[0], row[1])
+        seen = found.get(key)
+        found[key] = (
+            row
+            if seen is None
+            else (
+                row[0],
+                row[1],
+                _least(seen[2], row[2]),
+                _least(seen[3], row[3]),
+                bool(seen[4] or row[4]),
+                bool(seen[5] or row[5]),
+                _least(seen[6], row[6]),
+            )
+        )
+    return list(found.values())
+
+
+_T = TypeVar("_T", str, int)
+
+
+def _least(a: _T | None, b: _T | None) -> _T | None:
+    """The lesser of two values where ``None`` is no value (SQL's MIN)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)
 
 
 # The stored members of a value set, in the columns of _Row, read through the DB-API
