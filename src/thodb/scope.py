@@ -270,20 +270,6 @@ _PROBE_SQL = (
 )
 
 
-def _probe_cursor(connection: sa.Connection) -> Any:
-    """The DB-API cursor that runs the probe on this database connection, made once
-    per connection: a psycopg cursor made and closed for each call was most of the
-    35 µs that keeping it took off a warm call (about 200 µs)."""
-    info = connection.connection.info
-    cursor = info.get(_PROBE_CURSOR)
-    if cursor is None:
-        cursor = info[_PROBE_CURSOR] = connection.connection.cursor()
-    return cursor
-
-
-_PROBE_CURSOR = "thodb.scope.probe_cursor"
-
-
 class _State:
     """The facts of one membership state (database, refresh token)."""
 
@@ -373,7 +359,7 @@ class Reads:
         facts = kept.scopes.get(value_set_id)
         code_system = facts.resolved.get(system) if facts is not None else None
         connection = self.session.connection()
-        cursor = _probe_cursor(connection)
+        cursor = db.kept_cursor(connection)
         epoch = db.epoch()
         cursor.execute(
             sql.for_driver(connection, _PROBE_SQL),
