@@ -402,6 +402,8 @@ FROM whole_system_rule w
 JOIN {p}compose_rule r ON r.id = w.rule_id
 JOIN {p}code_system cs ON cs.id = r.code_system_id
 JOIN {p}concept c ON c.code_system_id = cs.id
+-- Stored in primary-key order: the codes of a rule side by side.
+ORDER BY 1, 2, 3
 """
 
 # "Code m is in the system part of rule r" (a rule without system has no system part).
@@ -582,6 +584,7 @@ FROM ("""
 GROUP BY value_set_id, system, code
 ) c
 JOIN {p}value_set vs ON vs.id = c.value_set_id
+ORDER BY c.value_set_id, c.system, c.code
 """
 )
 
