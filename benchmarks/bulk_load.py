@@ -2,11 +2,12 @@
 
 Each load runs in a child process on a new database (schema created first, untimed).
 The floor takes every row the load wrote, read back from the loaded database before
-the floor runs (so parsing is not part of it), and writes them into the same tables of
-another new database: PostgreSQL ``COPY ... FROM STDIN``, SQLite ``executemany`` in one
-transaction. Indexes and foreign keys are the same in both; on PostgreSQL the floor
-drops the foreign keys before its COPY and adds them after it, as a first load into an
-empty database does (each checked in one join instead of row by row).
+the floor runs (so parsing is not part of it), in primary-key order, and writes them
+into the same tables of another new database: PostgreSQL ``COPY ... FROM STDIN``,
+SQLite ``executemany`` in one transaction. Indexes and foreign keys are the same in
+both; on PostgreSQL the floor drops the foreign keys before its COPY and adds them
+after it, as a first load into an empty database does (each checked in one join
+instead of row by row).
 
 The database of the last load is kept as the run's content database (see
 :func:`benchmarks.content.ensure`).
@@ -123,9 +124,14 @@ def dump_rows(ctx: Context, url: str) -> Rows:
                 else c.name
                 for c in table.columns
             ]
+            # In primary-key order: the order the floor writes them in is then the
+            # cheapest for the key's index, whatever order the load stored them in.
+            key = ", ".join(column.name for column in table.primary_key.columns)
             cursor.execute(
                 for_driver(
-                    engine, f"SELECT {', '.join(selected)} FROM {{p}}{table.name}"
+                    engine,
+                    f"SELECT {', '.join(selected)} FROM {{p}}{table.name} "
+                    f"ORDER BY {key}",
                 )
             )
             found.append((table.name, columns, list(cursor.fetchall())))
