@@ -72,6 +72,19 @@ _PROPERTIES = [
 # --- strategies ------------------------------------------------------------------------
 
 
+def _code_system(*concept: dict[str, Any]) -> dict[str, Any]:
+    """Code system CS, version 1, with these concepts (the first resource of an
+    example: the one the reference does not expand)."""
+    return {
+        "resourceType": "CodeSystem",
+        "url": CS,
+        "version": "1",
+        "status": "active",
+        "content": "complete",
+        "concept": list(concept),
+    }
+
+
 @st.composite
 def code_systems(draw: st.DrawFn) -> dict[str, Any]:
     """A CodeSystem of 2-10 concepts whose parents all come earlier (a DAG)."""
@@ -118,14 +131,9 @@ def code_systems(draw: st.DrawFn) -> dict[str, Any]:
         else:
             roots.append(concept)
     return {
-        "resourceType": "CodeSystem",
-        "url": CS,
-        "version": "1",
-        "status": "active",
-        "content": "complete",
+        **_code_system(*roots),
         "hierarchyMeaning": "is-a",
         "property": _PROPERTIES,
-        "concept": roots,
     }
 
 
@@ -293,14 +301,7 @@ def _value_set(name: str, *include: dict[str, Any]) -> dict[str, Any]:
 INTERSECTION_DISPLAY = (
     "clean",
     [
-        {
-            "resourceType": "CodeSystem",
-            "url": CS,
-            "version": "1",
-            "status": "active",
-            "content": "complete",
-            "concept": [{"code": "c0"}, {"code": "c1", "display": "One"}],
-        },
+        _code_system({"code": "c0"}, {"code": "c1", "display": "One"}),
         _value_set("0", {"valueSet": [VS + "1", VS + "2"]}),
         _value_set("1", {"system": CS, "concept": [{"code": "c0"}]}),
         _value_set(
@@ -319,20 +320,13 @@ INTERSECTION_DISPLAY = (
 
 
 #: A union whose system parts list the same code of a code system that is not loaded
-#: with other displays (and one without), directly and through two imports: one
+#: with other displays (and one without), directly and through three imports: one
 #: member, with the smallest display given (the live statement reads each system
 #: part's row of the code and merges them).
 UNION_DISPLAYS = (
     "clean",
     [
-        {
-            "resourceType": "CodeSystem",
-            "url": CS,
-            "version": "1",
-            "status": "active",
-            "content": "complete",
-            "concept": [{"code": "c0"}],
-        },
+        _code_system({"code": "c0"}),
         _value_set(
             "0",
             {"valueSet": [VS + "1"]},
