@@ -132,12 +132,12 @@ def _sqlite_on_begin(connection: sa.Connection) -> None:
 
 
 def kept_cursor(connection: sa.Connection) -> Any:
-    """The DB-API cursor of this database connection for the statements thodb runs
-    often and reads whole at once (a warm validation's probe, the refresh token, the
-    stored members of an expansion), made once per connection: a psycopg cursor made
-    and closed for each call was most of the 35 µs that keeping it took off a warm
-    validation (about 200 µs). Whoever executes on it fetches every row before the next
-    statement."""
+    """The DB-API cursor of this database connection for the small statements thodb
+    runs often (a warm validation's probe, the refresh token), made once per
+    connection: a psycopg cursor made and closed for each call was most of the 35 µs
+    that keeping it took off a warm validation (about 200 µs). Whoever executes on it
+    fetches every row before the next statement; it holds the last result until then,
+    so it is not for statements of many rows."""
     info = connection.connection.info
     cursor = info.get(_KEPT_CURSOR)
     if cursor is None:

@@ -700,9 +700,14 @@ def _read_members(session: Session, value_set: ValueSet, live: bool) -> list[_Ro
             not is_sqlite(connection) and (value_set.member_count or 0) > _ORDERED_ABOVE
         )
         statement = _STORED_MEMBERS_BY_ID if ordered else _STORED_MEMBERS
-        cursor = db.kept_cursor(connection)
-        cursor.execute(sql.for_driver(connection, statement), (value_set.id,))
-        return list(cursor.fetchall())
+        # A cursor of its own, closed after: a kept one would hold the rows of the
+        # last expansion (100,000 members, tens of MB) until its next statement.
+        cursor = connection.connection.cursor()
+        try:
+            cursor.execute(sql.for_driver(connection, statement), (value_set.id,))
+            return list(cursor.fetchall())
+        finally:
+            cursor.close()
     names, rows = sql.fetch_without_jit(
         connection,
         sql.named_for_driver(connection, sql.EXPAND_LIVE),
