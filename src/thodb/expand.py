@@ -764,8 +764,9 @@ def _least(a: _T | None, b: _T | None) -> _T | None:
 # 1,029 (854 without a concept id, tied on the id) the sort costs 0.8 ms more than it
 # saves. SQLite reads the rows in primary-key order without sorting.
 _STORED_MEMBERS = (
-    "SELECT system, code, display, version, inactive, abstract, concept_id "
-    "FROM {p}value_set_member WHERE value_set_id = ?"
+    "SELECT "
+    + ", ".join(_ROW_COLUMNS)
+    + " FROM {p}value_set_member WHERE value_set_id = ?"
 )
 _STORED_MEMBERS_BY_ID = _STORED_MEMBERS + " ORDER BY concept_id, code"
 _ORDERED_ABOVE = 2_000
