@@ -9,11 +9,13 @@ Element names follow FHIR R4 CodeSystem and ValueSet; R5-only elements are ignor
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import operator
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from thodb.canonical import split_canonical
 from thodb.errors import LoadError
@@ -95,6 +97,28 @@ _PROPERTY_VALUE_TYPES = {
 }
 
 
+_R = TypeVar("_R")
+
+
+def _pickled_by_fields(cls: type[_R]) -> type[_R]:
+    """Pickle the records of ``cls`` as the class and a tuple of its fields.
+
+    The parse workers send their records to the loading process pickled (see
+    :mod:`thodb.fhir.pool`); by default each record goes as a dict of its fields.
+    As a tuple, THO's records pickle in 0.23 s instead of 0.32 s, unpickle in 0.15
+    instead of 0.21 s, and take 12 MB instead of 16.
+    """
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    fields_of = operator.attrgetter(*names)
+
+    def reduce(record: _R) -> tuple[type[_R], tuple[Any, ...]]:
+        return cls, fields_of(record)
+
+    cls.__reduce__ = reduce  # type: ignore[assignment,method-assign]
+    return cls
+
+
+@_pickled_by_fields
 @dataclass(slots=True)
 class DesignationRecord:
     """A ``concept.designation``."""
@@ -106,6 +130,7 @@ class DesignationRecord:
     standards_status: str | None = None
 
 
+@_pickled_by_fields
 @dataclass(slots=True)
 class PropertyRecord:
     """A ``concept.property`` value, as text (see :class:`thodb.models.ConceptProperty`)."""
@@ -116,6 +141,7 @@ class PropertyRecord:
     value_system: str | None = None
 
 
+@_pickled_by_fields
 @dataclass(slots=True)
 class ConceptRecord:
     """A concept of a code system, with its parents as codes."""
@@ -131,6 +157,7 @@ class ConceptRecord:
     properties: list[PropertyRecord] = field(default_factory=list)
 
 
+@_pickled_by_fields
 @dataclass
 class CodeSystemRecord:
     """A CodeSystem resource ready to be written."""
@@ -156,6 +183,7 @@ class CodeSystemRecord:
     concepts: list[ConceptRecord] = field(default_factory=list)
 
 
+@_pickled_by_fields
 @dataclass(slots=True)
 class ComposeConceptRecord:
     """An ``include.concept`` (or ``exclude.concept``) and what the value set says of it."""
@@ -169,6 +197,7 @@ class ComposeConceptRecord:
     standards_status: str | None = None
 
 
+@_pickled_by_fields
 @dataclass
 class RuleRecord:
     """One ``compose.include`` or ``compose.exclude`` element."""
@@ -182,6 +211,7 @@ class RuleRecord:
     imports: list[tuple[str, str | None]] = field(default_factory=list)
 
 
+@_pickled_by_fields
 @dataclass
 class ValueSetRecord:
     """A ValueSet resource ready to be written."""
