@@ -9,8 +9,10 @@ the end (:func:`thodb.refresh.refresh`).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -450,13 +452,19 @@ def _copy(session: Session, model: type[Any], rows: list[dict[str, Any]]) -> Non
     # In the table's order, which is the order of the columns of a compiled INSERT.
     names = [column.name for column in table.columns if column.name in rows[0]]
     as_json = {c.name for c in table.columns if isinstance(c.type, sa.JSON)}
-    values = (
-        [
-            json.dumps(row[n]) if n in as_json and row[n] is not None else row[n]
-            for n in names
-        ]
-        for row in rows
-    )
+    values: Iterable[Sequence[Any]]
+    if as_json.isdisjoint(names) and len(names) > 1:
+        # Most tables: each row's values picked in one call, a quarter of the time
+        # of a comprehension per row (THO: 149,000 rows).
+        values = map(operator.itemgetter(*names), rows)
+    else:
+        values = (
+            [
+                json.dumps(row[n]) if n in as_json and row[n] is not None else row[n]
+                for n in names
+            ]
+            for row in rows
+        )
     connection = session.connection()
     raw = connection.connection.driver_connection
     assert raw is not None, "the session's connection is open"
@@ -513,13 +521,8 @@ _INSERT_BATCH = 20_000
 
 
 def _batches_of(rows: Iterable[T], size: int) -> Iterator[list[T]]:
-    batch: list[T] = []
-    for row in rows:
-        batch.append(row)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
+    remaining = iter(rows)
+    while batch := list(itertools.islice(remaining, size)):
         yield batch
 
 
