@@ -727,9 +727,19 @@ def _recompute(
             sa.select(ValueSet.id).where(ValueSet.expansion_status == "pending")
         )
     )
-    changed = _resolve(session, rules or VersionRules(), written, pending)
-    affected = set(sql.reached(session, sql.IMPORTERS, pending | changed))
     total = session.scalar(sa.select(sa.func.count()).select_from(ValueSet)) or 0
+    all_pending = len(pending) == total
+    if all_pending:
+        # Every rule and import is of a pending value set, so all are resolved
+        # again: without the test of each against every url the load wrote (THO: 834
+        # imports against 3,999 urls, 51 ms).
+        written = None
+    changed = _resolve(session, rules or VersionRules(), written, pending)
+    affected = (
+        pending
+        if all_pending
+        else set(sql.reached(session, sql.IMPORTERS, pending | changed))
+    )
     everything = len(affected) == total
     # The graph check and the passes of the affected value sets need only what they
     # import, directly or not: on an incremental refresh a few value sets of thousands.
