@@ -495,7 +495,7 @@ _TEMPLATE_FIELDS = frozenset(
         "only_rules",
         "only_targets",
         "by_rule",
-        "by_owner",
+        "in_key_order",
         "into",
         "seeds",
     }
