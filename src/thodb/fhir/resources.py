@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import operator
 from collections.abc import Iterable, Iterator, Mapping
@@ -392,6 +393,17 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
+def _item(path: str, key: str, index: int) -> str:
+    return f"{_join(path, key)}[{index}]"
+
+
+def _plain_key(value: str) -> bool:
+    """True for text that needs none of :meth:`_Reader.text`'s and
+    :meth:`_Reader.key`'s checks: ASCII (a byte a character), no NUL, short enough to
+    be indexed (most codes and values)."""
+    return value.isascii() and len(value) <= MAX_KEY_BYTES and "\x00" not in value
+
+
 def _kind(value: object) -> str:
     if isinstance(value, dict):
         return "an object"
@@ -536,8 +548,7 @@ def _concepts(
             dpath = f"{path}.designation[{j}]"
             concept.designations.append(_designation(reader, designation, dpath))
         for j, prop in enumerate(reader.objects(obj, "property", path)):
-            ppath = f"{path}.property[{j}]"
-            _property(reader, prop, ppath, concept, meaning, children)
+            _property(reader, prop, path, j, concept, meaning, children)
         _extension_properties(reader, obj, path, concept)
         record.concepts.append(concept)
         nested = reader.objects(obj, "concept", path)
@@ -589,31 +600,47 @@ def _standards_status(reader: _Reader, obj: dict[str, Any], path: str) -> str | 
 def _property(
     reader: _Reader,
     prop: dict[str, Any],
-    path: str,
+    concept_path: str,
+    index: int,
     concept: ConceptRecord,
     meaning: dict[str, str],
     children: list[tuple[str, str, str]],
 ) -> None:
-    code = reader.required(prop, "code", path)
-    found = [key for key in _PROPERTY_VALUE_TYPES if key in prop]
+    """Read the ``index``-th property of the concept at ``concept_path``.
+
+    A code system can have millions of properties (SNOMED CT's relationships): the
+    usual one, a short text code and text value, is checked inline, and the
+    property's path is only made for an error or a child (300,000 properties: 0.33
+    instead of 0.55 s).
+    """
+    code = prop.get("code")
+    if not (type(code) is str and _plain_key(code) and code.strip()):
+        code = reader.required(prop, "code", _item(concept_path, "property", index))
+    found = [key for key in prop if key in _PROPERTY_VALUE_TYPES]
     if len(found) != 1:
+        path = _item(concept_path, "property", index)
         raise reader.error(path, "must have exactly one value[x]")
     key = found[0]
     raw = prop[key]
     system = None
-    if key == "valueCoding":
+    if type(raw) is str and _plain_key(raw) and key != "valueCoding":
+        value: str | None = raw
+    elif key == "valueCoding":
+        path = f"{_item(concept_path, 'property', index)}.valueCoding"
         if not isinstance(raw, dict):
-            raise reader.error(f"{path}.valueCoding", "must be an object")
-        system = reader.string(raw, "system", f"{path}.valueCoding")
-        value: str | None = reader.string(raw, "code", f"{path}.valueCoding")
+            raise reader.error(path, "must be an object")
+        system = reader.string(raw, "system", path)
+        value = reader.string(raw, "code", path)
     elif isinstance(raw, bool):
         value = "true" if raw else "false"
     elif isinstance(raw, str):
-        value = reader.key(reader.text(raw, f"{path}.{key}"), f"{path}.{key}")
+        path = f"{_item(concept_path, 'property', index)}.{key}"
+        value = reader.key(reader.text(raw, path), path)
     elif isinstance(raw, (int, float)):
         value = str(raw)
     else:
-        raise reader.error(f"{path}.{key}", f"must be a primitive, not {_kind(raw)}")
+        path = f"{_item(concept_path, 'property', index)}.{key}"
+        raise reader.error(path, f"must be a primitive, not {_kind(raw)}")
     concept.properties.append(
         PropertyRecord(code, _PROPERTY_VALUE_TYPES[key], value, system)
     )
@@ -622,7 +649,8 @@ def _property(
     if role in _HIERARCHY_UP and value:
         concept.parents.append(value)
     elif role == "child" and value:
-        children.append((concept.code, value, f"{path}.{key}"))
+        path = f"{_item(concept_path, 'property', index)}.{key}"
+        children.append((concept.code, value, path))
     elif role == "inactive" and value == "true":
         concept.inactive = True
     elif role == "status" and value:
@@ -678,47 +706,53 @@ def _check_hierarchy(
             )
         if parent not in by_code[child].parents:
             by_code[child].parents.append(parent)
-    for concept in record.concepts:
-        for parent in concept.parents:
-            if parent not in by_code:
-                raise reader.error(
-                    seen[concept.code],
-                    f"parent {parent!r} of {concept.code!r} is not a code of this "
-                    "code system",
-                )
+    # All parents at once (a million for a large code system); the first concept
+    # with an unknown one is looked for only if there is one.
+    parents = set(itertools.chain.from_iterable(c.parents for c in record.concepts))
+    if not parents <= by_code.keys():
+        for concept in record.concepts:
+            for parent in concept.parents:
+                if parent not in by_code:
+                    raise reader.error(
+                        seen[concept.code],
+                        f"parent {parent!r} of {concept.code!r} is not a code of "
+                        "this code system",
+                    )
     _reject_cycles(reader, by_code, seen)
 
 
 def _reject_cycles(
     reader: _Reader, by_code: dict[str, ConceptRecord], seen: dict[str, str]
 ) -> None:
-    # Iterative depth-first search over parent edges; grey = on the current path.
-    state: dict[str, int] = {}
+    # Depth-first search over parent edges, each concept's parents walked by an
+    # iterator: `path` is the current path, `done` what is known to reach no cycle
+    # (350,000 concepts with 1,051,602 parents: 0.7 s, 1.1-1.3 s with a stack of
+    # (code, index) pairs).
+    done: set[str] = set()
     for start in by_code:
-        if state.get(start):
+        if start in done:
             continue
-        stack: list[tuple[str, int]] = [(start, 0)]
-        path: list[str] = []
+        path = [start]
+        on_path = {start}
+        stack = [iter(by_code[start].parents)]
         while stack:
-            code, index = stack.pop()
-            if index == 0:
-                state[code] = 1
-                path.append(code)
-            parents = by_code[code].parents
-            if index < len(parents):
-                stack.append((code, index + 1))
-                parent = parents[index]
-                if state.get(parent) == 1:
+            for parent in stack[-1]:
+                if parent in on_path:
                     cycle = path[path.index(parent) :] + [parent]
                     raise reader.error(
-                        seen[code],
+                        seen[path[-1]],
                         "concept hierarchy has a cycle: " + " -> ".join(cycle),
                     )
-                if not state.get(parent):
-                    stack.append((parent, 0))
+                if parent not in done:
+                    path.append(parent)
+                    on_path.add(parent)
+                    stack.append(iter(by_code[parent].parents))
+                    break
             else:
-                state[code] = 2
-                path.pop()
+                stack.pop()
+                code = path.pop()
+                on_path.discard(code)
+                done.add(code)
 
 
 def _value_set(reader: _Reader, resource: dict[str, Any], base: str) -> ValueSetRecord:
