@@ -252,6 +252,46 @@ def test_the_passes_are_planned_with_statistics_of_the_strata(
     assert any("stratum" in entry for entry in before_the_passes)
 
 
+@pytest.mark.parametrize("setting", ["on", "off"])
+def test_the_passes_group_without_hashing_and_leave_the_setting(
+    postgresql: Engine, tmp_path: Path, setting: str
+) -> None:
+    # MATERIALIZE groups its rows in the order they are stored in (sorted, not hashed);
+    # the caller's enable_hashagg is as before afterwards.
+    with postgresql.begin() as connection:
+        migrate.upgrade(connection)
+    load(postgresql, [_content(tmp_path / "content")])
+    seen: list[str] = []
+
+    def note(
+        _conn: Any, _cursor: Any, statement: str, parameters: Any, *_args: Any
+    ) -> None:
+        text = " ".join(statement.split())
+        if "FROM tho.value_set WHERE stratum =" in text and "INSERT INTO" in text:
+            seen.append("pass")
+        elif (
+            "set_config" in text and (parameters or {}).get("name") == "enable_hashagg"
+        ):
+            seen.append("back" if "before" in parameters else "off")
+
+    with session_scope(postgresql) as session:
+        session.execute(sa.text(f"SET LOCAL enable_hashagg = {setting}"))
+        with sql.without_hash_aggregation(session):
+            assert session.scalar(sa.text("SHOW enable_hashagg")) == "off"
+        assert session.scalar(sa.text("SHOW enable_hashagg")) == setting
+        session.execute(
+            sa.text("UPDATE tho.value_set SET expansion_status = 'pending'")
+        )
+        sa.event.listen(postgresql, "before_cursor_execute", note)
+        try:
+            refresh(session)
+        finally:
+            sa.event.remove(postgresql, "before_cursor_execute", note)
+        assert seen == ["off", "pass"] + (["back"] if setting == "on" else [])
+        assert session.scalar(sa.text("SHOW enable_hashagg")) == setting
+        session.rollback()
+
+
 @pytest.mark.parametrize(("setting", "inside"), [("4MB", "64MB"), ("128MB", "128MB")])
 def test_a_refresh_raises_work_mem_for_itself_only(
     postgresql: Engine, setting: str, inside: str

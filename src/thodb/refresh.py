@@ -796,20 +796,22 @@ def _recompute(
             if rules is None:
                 _analyze_if_grown(session, "compose_rule_code", rows)
             rows = 0
-            for stratum in range(passes):
-                # The first pass fills the empty table of a first load; later passes
-                # read what it wrote through the indexes.
-                with indexes_built_after(
-                    session, [ValueSetMember], first and stratum == 0, keys=True
-                ):
-                    computed = connection.execute(
-                        sql.render(session, sql.MATERIALIZE, pending_only=only),
-                        {"stratum": stratum},
-                    ).rowcount
-                if only:
-                    rows += _store_pass(connection, p, stratum)
-                else:
-                    rows += computed
+            # Grouped in their stored order (see sql.without_hash_aggregation).
+            with sql.without_hash_aggregation(session):
+                for stratum in range(passes):
+                    # The first pass fills the empty table of a first load; later passes
+                    # read what it wrote through the indexes.
+                    with indexes_built_after(
+                        session, [ValueSetMember], first and stratum == 0, keys=True
+                    ):
+                        computed = connection.execute(
+                            sql.render(session, sql.MATERIALIZE, pending_only=only),
+                            {"stratum": stratum},
+                        ).rowcount
+                    if only:
+                        rows += _store_pass(connection, p, stratum)
+                    else:
+                        rows += computed
             if rules is None:
                 _analyze_if_grown(session, "value_set_member", rows)
         # The members of every value set the passes filled, counted in one scan (a

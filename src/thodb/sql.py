@@ -53,22 +53,45 @@ def without_jit(session: Session) -> Iterator[None]:
     skips too, and compiling them takes longer than running them: 230 of the 340 ms of
     the live expansion of a chain of 1,000 imports.
     """
+    with _turned_off(session, "jit"):
+        yield
+
+
+@contextmanager
+def without_hash_aggregation(session: Session) -> Iterator[None]:
+    """Run the block with PostgreSQL's hashed aggregation off (``enable_hashagg``), and
+    its setting as before afterwards (local to the transaction).
+
+    For :data:`MATERIALIZE`, whose rows are grouped by (value set, system, code) and
+    stored in that order: PostgreSQL grouped THO's 102,216 rows by a hash and sorted
+    them after (0.26 s of the statement); without, it sorts them once, groups them in
+    order and keeps the order through the join with ``value_set`` (the statement took
+    485 instead of 623 ms).
+    """
+    with _turned_off(session, "enable_hashagg"):
+        yield
+
+
+@contextmanager
+def _turned_off(session: Session, setting: str) -> Iterator[None]:
     if not schema_prefix(session):  # SQLite
         yield
         return
     # The setting as it was (read from the CTE before set_config runs), and off.
     before = session.scalar(
         text(
-            "WITH before AS MATERIALIZED (SELECT current_setting('jit') AS jit) "
-            "SELECT jit FROM before WHERE set_config('jit', 'off', true) = 'off'"
-        )
+            "WITH before AS MATERIALIZED (SELECT current_setting(:name) AS value) "
+            "SELECT value FROM before WHERE set_config(:name, 'off', true) = 'off'"
+        ),
+        {"name": setting},
     )
     yield
     # Not after an error: the transaction may have failed, and its end (or the
     # rollback of the savepoint it is in) puts the setting back anyway.
     if before is not None and before != "off":
         session.execute(
-            text("SELECT set_config('jit', :before, true)"), {"before": before}
+            text("SELECT set_config(:name, :before, true)"),
+            {"name": setting, "before": before},
         )
 
 
