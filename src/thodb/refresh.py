@@ -148,15 +148,18 @@ def _diagnose(session: Session, only: set[int] | None = None) -> dict[int, _Node
     p = schema_prefix(session)
     if only is None:
         ids: dict[str, object] = {}
-        of_set = of_rule = of_system = ""
+        of_set = of_rule = ""
     else:
         ids = {"ids": sql.bound_ids(session, only)}
         of_set = "WHERE " + sql.id_in_bound(session, "id")
         of_rule = "WHERE " + sql.id_in_bound(session, "r.value_set_id")
-        of_system = (
-            f"WHERE code_system_id IN "
-            f"(SELECT r.code_system_id FROM {p}compose_rule r {of_rule})"
-        )
+    # The properties are known only of the code systems that a filter names: they are
+    # what a filter is checked against, and reading those of every code system a rule
+    # names took 14 of the 150 ms of the refresh after one DICOM CID changed.
+    of_system = (
+        f"WHERE code_system_id IN (SELECT r.code_system_id FROM {p}compose_rule r "
+        f"JOIN {p}compose_filter f ON f.rule_id = r.id {of_rule})"
+    )
     nodes = {
         row.id: _Node(row.id, row.url, row.version, row.has_compose)
         for row in session.execute(
