@@ -253,21 +253,35 @@ def test_the_passes_are_planned_with_statistics_of_the_strata(
 
 
 @pytest.mark.parametrize("setting", ["on", "off"])
-def test_the_passes_group_without_hashing_and_leave_the_setting(
-    postgresql: Engine, tmp_path: Path, setting: str
+@pytest.mark.parametrize("pending", ["every value set", "one value set"])
+def test_a_full_refresh_groups_without_hashing_and_leaves_the_setting(
+    postgresql: Engine, tmp_path: Path, setting: str, pending: str
 ) -> None:
-    # MATERIALIZE groups its rows in the order they are stored in (sorted, not hashed);
-    # the caller's enable_hashagg is as before afterwards.
+    # A full refresh's MATERIALIZE groups its rows in the order they are stored in
+    # (sorted, not hashed); an incremental one, which compares the few rows of its
+    # passes with the stored ones, leaves hashing as it is. The caller's
+    # enable_hashagg is as before afterwards.
     with postgresql.begin() as connection:
         migrate.upgrade(connection)
-    load(postgresql, [_content(tmp_path / "content")])
+    folder = _content(tmp_path / "content")
+    other = {
+        "resourceType": "ValueSet",
+        "url": f"{VS}-other",
+        "status": "active",
+        "compose": {"include": [{"system": CS, "concept": [{"code": CODES[0]}]}]},
+    }
+    (folder / "other.json").write_text(json.dumps(other))
+    load(postgresql, [folder])
     seen: list[str] = []
 
     def note(
         _conn: Any, _cursor: Any, statement: str, parameters: Any, *_args: Any
     ) -> None:
         text = " ".join(statement.split())
-        if "FROM tho.value_set WHERE stratum =" in text and "INSERT INTO" in text:
+        if text.startswith(
+            "WITH RECURSIVE target(value_set_id) AS ( SELECT id FROM tho.value_set "
+            "WHERE stratum ="
+        ):
             seen.append("pass")
         elif (
             "set_config" in text and (parameters or {}).get("name") == "enable_hashagg"
@@ -280,14 +294,23 @@ def test_the_passes_group_without_hashing_and_leave_the_setting(
             assert session.scalar(sa.text("SHOW enable_hashagg")) == "off"
         assert session.scalar(sa.text("SHOW enable_hashagg")) == setting
         session.execute(
-            sa.text("UPDATE tho.value_set SET expansion_status = 'pending'")
+            sa.text(
+                "UPDATE tho.value_set SET expansion_status = 'pending' "
+                "WHERE url = :url OR :every"
+            ),
+            {"url": VS, "every": pending == "every value set"},
         )
         sa.event.listen(postgresql, "before_cursor_execute", note)
         try:
-            refresh(session)
+            summary = refresh(session)
         finally:
             sa.event.remove(postgresql, "before_cursor_execute", note)
-        assert seen == ["off", "pass"] + (["back"] if setting == "on" else [])
+        if pending == "every value set":
+            assert summary.recomputed == 2
+            assert seen == ["off", "pass"] + (["back"] if setting == "on" else [])
+        else:
+            assert summary.recomputed == 1
+            assert seen == ["pass"]
         assert session.scalar(sa.text("SHOW enable_hashagg")) == setting
         session.rollback()
 

@@ -799,8 +799,10 @@ def _recompute(
             if rules is None:
                 _analyze_if_grown(session, "compose_rule_code", rows)
             rows = 0
-            # Grouped in their stored order (see sql.without_hash_aggregation).
-            with sql.without_hash_aggregation(session):
+            # A full refresh groups its rows in their stored order (see
+            # sql.without_hash_aggregation); an incremental one compares the few rows
+            # of its passes with the stored ones, which PostgreSQL then hashes.
+            with sql.without_hash_aggregation(session, not only):
                 for stratum in range(passes):
                     # The first pass fills the empty table of a first load; later passes
                     # read what it wrote through the indexes.

@@ -58,9 +58,10 @@ def without_jit(session: Session) -> Iterator[None]:
 
 
 @contextmanager
-def without_hash_aggregation(session: Session) -> Iterator[None]:
+def without_hash_aggregation(session: Session, turn_off: bool = True) -> Iterator[None]:
     """Run the block with PostgreSQL's hashed aggregation off (``enable_hashagg``), and
-    its setting as before afterwards (local to the transaction).
+    its setting as before afterwards (local to the transaction); with ``turn_off``
+    false, as it is.
 
     For :data:`MATERIALIZE`, whose rows are grouped by (value set, system, code) and
     stored in that order: PostgreSQL grouped THO's 102,216 rows by a hash and sorted
@@ -68,6 +69,9 @@ def without_hash_aggregation(session: Session) -> Iterator[None]:
     order and keeps the order through the join with ``value_set`` (the statement took
     485 instead of 623 ms).
     """
+    if not turn_off:
+        yield
+        return
     with _turned_off(session, "enable_hashagg"):
         yield
 
