@@ -360,3 +360,63 @@ def test_a_new_version_loaded_later_is_what_existing_includes_resolve_to(
     full = databases.engine(engine_kind)
     load_mod.load(full, [folder])
     assert _state(engine) == _state(full)
+
+
+def test_a_filter_loaded_later_is_checked_against_the_properties_concepts_carry(
+    databases: Databases, engine_kind: str, tmp_path: Path
+) -> None:
+    # A code system need not declare the properties its concepts carry (THO's often
+    # do not). A value set loaded after it that filters on such a property expands to
+    # the concepts the file gives that value; one that filters on a property no concept
+    # carries cannot be expanded. Both end as a full load of the same files ends.
+    folder = tmp_path / "content"
+    folder.mkdir()
+    colors = {"a": "red", "b": "blue", "c": "red"}
+    code_system = {
+        "resourceType": "CodeSystem",
+        "url": _CS,
+        "status": "active",
+        "content": "complete",
+        "concept": [
+            {"code": code, "property": [{"code": "color", "valueCode": color}]}
+            for code, color in colors.items()
+        ],
+    }
+    (folder / "cs.json").write_text(json.dumps(code_system))
+    (folder / "vs-listed.json").write_text(json.dumps(_graph_value_set("x", ["a"], [])))
+    incremental = databases.engine(engine_kind)
+    load_mod.load(incremental, [folder])
+
+    def filtered(name: str, prop: str) -> Path:
+        path = folder / f"vs-{name}.json"
+        value_set = {
+            "resourceType": "ValueSet",
+            "url": _VS + name,
+            "status": "active",
+            "compose": {
+                "include": [
+                    {
+                        "system": _CS,
+                        "filter": [{"property": prop, "op": "=", "value": "red"}],
+                    }
+                ]
+            },
+        }
+        path.write_text(json.dumps(value_set))
+        return path
+
+    summary = load_mod.load(
+        incremental, [filtered("red", "color"), filtered("round", "shape")]
+    )
+    assert summary.refresh is not None and summary.refresh.recomputed == 2
+    state = _state(incremental)
+    status, error, _, _, members = state[(_VS + "red", None)]
+    assert (status, error) == ("expanded", None)
+    assert {member[1] for member in members} == {
+        code for code, color in colors.items() if color == "red"
+    }
+    status, error, *_ = state[(_VS + "round", None)]
+    assert status == "not-expandable" and "'shape'" in str(error)
+    full = databases.engine(engine_kind)
+    load_mod.load(full, [folder])
+    assert _state(full) == state

@@ -802,7 +802,7 @@ def _recompute(
             # A full refresh groups its rows in their stored order (see
             # sql.without_hash_aggregation); an incremental one compares the few rows
             # of its passes with the stored ones, which PostgreSQL then hashes.
-            with sql.without_hash_aggregation(session, not only):
+            with sql.without_hash_aggregation(session, when=not only):
                 for stratum in range(passes):
                     # The first pass fills the empty table of a first load; later passes
                     # read what it wrote through the indexes.

@@ -58,10 +58,10 @@ def without_jit(session: Session) -> Iterator[None]:
 
 
 @contextmanager
-def without_hash_aggregation(session: Session, turn_off: bool = True) -> Iterator[None]:
+def without_hash_aggregation(session: Session, *, when: bool = True) -> Iterator[None]:
     """Run the block with PostgreSQL's hashed aggregation off (``enable_hashagg``), and
-    its setting as before afterwards (local to the transaction); with ``turn_off``
-    false, as it is.
+    its setting as before afterwards (local to the transaction); with ``when`` false,
+    with the setting as it is.
 
     For :data:`MATERIALIZE`, whose rows are grouped by (value set, system, code) and
     stored in that order: PostgreSQL grouped THO's 102,216 rows by a hash and sorted
@@ -69,7 +69,7 @@ def without_hash_aggregation(session: Session, turn_off: bool = True) -> Iterato
     order and keeps the order through the join with ``value_set`` (the statement took
     485 instead of 623 ms).
     """
-    if not turn_off:
+    if not when:
         yield
         return
     with _turned_off(session, "enable_hashagg"):
