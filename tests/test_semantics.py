@@ -20,7 +20,7 @@ from conftest import SHARED, Databases, table_checksums
 from reference import Terminology
 from thodb import load as load_mod
 from thodb.db import schema_prefix, session_scope
-from thodb.expand import ExpandOptions, Member, expand
+from thodb.expand import ExpandOptions, Member, ValueSetNotFound, expand
 from thodb.fhir import operations as fhir_operations
 from thodb.languages import LanguagePreference
 from thodb.outcome import TerminologyError
@@ -276,6 +276,37 @@ def test_a_wildcard_include_version_resolves_to_the_newest_match(
 ) -> None:
     expected = set(_expected_codes("version/vs-expand-v-w-response-valueSet.json"))
     assert {m.code for m in _expand(tx_engine, VS + "version-w")} == expected
+
+
+@pytest.mark.parametrize("live", [False, True])
+def test_a_value_set_version_asked_for_is_the_one_expanded(
+    tx_engine: Engine, live: bool
+) -> None:
+    # version-all is loaded in two versions: no version asks for the newest, a version
+    # or a pattern for the newest that matches, and one that is not loaded is not
+    # found. Expected versions from the two files.
+    loaded = [
+        _json(f"version/{name}")["version"]
+        for name in ("valueset-all-version.json", "valueset-all-version-2.json")
+    ]
+    newest_loaded, oldest_loaded = (
+        max(loaded, key=_version_key),
+        min(loaded, key=_version_key),
+    )
+    with session_scope(tx_engine) as session:
+        for asked, found in (
+            (None, newest_loaded),
+            (oldest_loaded, oldest_loaded),
+            (oldest_loaded.rsplit(".", 1)[0] + ".x", oldest_loaded),
+        ):
+            expansion = expand(session, VS + "version-all", asked, live=live)
+            assert (expansion.url, expansion.version) == (VS + "version-all", found)
+        with pytest.raises(ValueSetNotFound):
+            expand(session, VS + "version-all", "9.9.9", live=live)
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
 
 
 # --- $validate-code --------------------------------------------------------------------
