@@ -26,7 +26,7 @@ from benchmarks.harness import (
     Target,
     measure_side_by_side,
 )
-from thodb.expand import Member, expand, find_value_set
+from thodb.expand import Member, expand, find_value_set_row
 from thodb.query import validate_code
 from thodb.seed import IMAGE_REFERENCE_TYPE
 from thodb.sql import for_driver
@@ -82,7 +82,7 @@ def _measure(
     warmup = ctx.pick(2, 50)
     budget = ctx.pick(BUDGET_S[1], BUDGET_S[0])
     calls = ctx.pick(10, 300)
-    value_set = find_value_set(session, IMAGE_REFERENCE_TYPE)
+    value_set = find_value_set_row(session, IMAGE_REFERENCE_TYPE)
     vs_id = value_set.id
     total = expand(session, IMAGE_REFERENCE_TYPE).total
     cursor = session.connection().connection.cursor()

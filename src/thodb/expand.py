@@ -16,7 +16,7 @@ import re
 import threading
 import weakref
 from collections import OrderedDict, defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple, TypeVar
 
@@ -182,24 +182,9 @@ class ValueSetNotFound(NotFoundError):
 # --- step 2: checking the import graph ---------------------------------------------
 
 
-def find_value_set(session: Session, url: str, version: str | None = None) -> ValueSet:
-    """The loaded value set ``url|version`` (the newest version when none is given).
-
-    :raises ValueSetNotFound: when no such value set is loaded.
-    """
-    # populate_existing: a row read again must show what is committed now.
-    query = sa.select(ValueSet).where(ValueSet.url == url)
-    rows = (
-        session.scalars(query.execution_options(populate_existing=True)).all()
-        if concepts.storable(url)
-        else []
-    )
-    return _picked(url, version, rows)
-
-
 class ValueSetRow(NamedTuple):
-    """The columns of a loaded value set that an expansion uses, read without the ORM
-    (:func:`find_value_set_row`)."""
+    """The columns of a loaded value set that expansion and validation use, read
+    without the ORM (:func:`find_value_set_row`)."""
 
     id: int
     url: str
@@ -207,9 +192,11 @@ class ValueSetRow(NamedTuple):
     name: str | None
     title: str | None
     status: str | None
+    experimental: bool | None
     language: str | None
     supplements: list[str] | None
     expansion_parameters: list[list[str]] | None
+    compose_inactive: bool | None
     expansion_status: str
     expansion_error: str | None
     member_count: int | None
@@ -223,8 +210,8 @@ _VALUE_SET_ROW = sa.select(
 def find_value_set_row(
     session: Session, url: str, version: str | None = None
 ) -> ValueSetRow:
-    """The columns :class:`ValueSetRow` names of the loaded value set ``url|version``,
-    as :func:`find_value_set` finds it.
+    """The loaded value set ``url|version`` (the newest version when none is given),
+    as the columns :class:`ValueSetRow` names.
 
     An expansion reads its value set with every request the cache cannot answer: as
     a row of the table it takes a third of the time of an ORM object on PostgreSQL
@@ -240,17 +227,6 @@ def find_value_set_row(
         if concepts.storable(url)
         else []
     )
-    return _picked(url, version, rows)
-
-
-_Found = TypeVar("_Found", ValueSet, ValueSetRow)
-
-
-def _picked(url: str, version: str | None, rows: Sequence[_Found]) -> _Found:
-    """The row of ``rows`` (the value sets ``url``) that ``version`` selects.
-
-    :raises ValueSetNotFound: when none does.
-    """
     found, picked = versions.resolve(version, [row.version for row in rows])
     if not found:
         text = f"value set {canonical(url, version)} is not loaded"
@@ -537,7 +513,7 @@ def _read_consistently(
     return value_set, members
 
 
-def default_language(value_set: ValueSet | ValueSetRow) -> LanguagePreference | None:
+def default_language(value_set: ValueSetRow) -> LanguagePreference | None:
     """The display language a value set asks for when the request names none.
 
     Its ``displayLanguage`` expansion parameter (extension on ``compose``), else its

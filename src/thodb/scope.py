@@ -32,10 +32,11 @@ from thodb.concepts import CodeSystemInfo, ConceptDetails
 from thodb.expand import (
     Annotation,
     ValueSetNotExpandable,
+    ValueSetRow,
     closure,
     database_of,
     default_language,
-    find_value_set,
+    find_value_set_row,
     listed_annotations,
     note_token,
     noted_token,
@@ -92,7 +93,7 @@ class ValueSetFacts:
         return canonical(self.url, self.version)
 
 
-def _value_set_facts(row: ValueSet) -> ValueSetFacts:
+def _value_set_facts(row: ValueSetRow) -> ValueSetFacts:
     return ValueSetFacts(
         id=row.id,
         url=row.url,
@@ -403,12 +404,12 @@ class Reads:
         )
 
     def value_set(self, url: str, version: str | None) -> ValueSetFacts:
-        """The value set ``url|version`` (see :func:`thodb.expand.find_value_set`)."""
+        """The value set ``url|version`` (see :func:`thodb.expand.find_value_set_row`)."""
         return self._get(
             self._value_sets,
             self._kept.value_sets if self._kept else None,
             (url, version),
-            lambda: _value_set_facts(find_value_set(self.session, url, version)),
+            lambda: _value_set_facts(find_value_set_row(self.session, url, version)),
         )
 
     def code_system_versions(self, url: str) -> Sequence[CodeSystemInfo]:
