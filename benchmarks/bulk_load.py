@@ -15,13 +15,15 @@ The database of the last load is kept as the run's content database (see
 
 from __future__ import annotations
 
+import logging
+import os
 import statistics
 import time
 from typing import Any
 
 import sqlalchemy as sa
 
-from benchmarks import content
+from benchmarks import content, cpu
 from benchmarks.harness import (
     ChildLoad,
     Context,
@@ -35,6 +37,8 @@ from thodb.load import ensure_schema
 from thodb.models import Base
 from thodb.sql import for_driver
 
+log = logging.getLogger(__name__)
+
 NAME = "bulk-load"
 
 #: Rows of each table, in foreign-key order, as the DB-API returns them.
@@ -46,6 +50,7 @@ def run(ctx: Context, engine: str) -> None:
     runs = ctx.pick(1, 2)
     loads: list[ChildLoad] = []
     floor_samples: list[float] = []
+    floor_cpu: list[float | None] = []
     url = ""
     rows: Rows = []
     # Load, floor, load, floor...: each floor sample next to a load, in the same state
@@ -61,7 +66,7 @@ def run(ctx: Context, engine: str) -> None:
             ctx.content_paths = content.seeds_only(ctx)
             ctx.databases.drop(url)
             url = ""
-            loads, floor_samples = [], []
+            loads, floor_samples, floor_cpu = [], [], []
             continue
         if loaded.error:
             ctx.databases.drop(url)
@@ -70,7 +75,9 @@ def run(ctx: Context, engine: str) -> None:
         if not rows:
             rows = dump_rows(ctx, url)
         floor_url = ctx.databases.create(engine, "copy")
-        floor_samples.append(copy_rows(ctx, floor_url, rows))
+        seconds, cpu_seconds = copy_rows(ctx, floor_url, rows)
+        floor_samples.append(seconds)
+        floor_cpu.append(cpu_seconds)
         ctx.databases.drop(floor_url)
     old = ctx.content.pop(engine, None)
     if old is not None:
@@ -102,6 +109,39 @@ def run(ctx: Context, engine: str) -> None:
                 "concepts": summary.get("concepts"),
                 "members": refresh.get("members"),
                 "rows": {table: len(data) for table, _, data in rows},
+            },
+        )
+    )
+    _add_cpu_figure(ctx, engine, loads, floor_cpu)
+
+
+def _add_cpu_figure(
+    ctx: Context, engine: str, loads: list[ChildLoad], floor_cpu: list[float | None]
+) -> None:
+    """The CPU time of the loads and of their floors, when it could be read of every
+    process (on PostgreSQL: a server on this machine)."""
+    parts = ("process", "parse_workers") + (
+        ("server",) if engine == "postgresql" else ()
+    )
+    spent = [[load.cpu_s.get(part) for part in parts] for load in loads]
+    known_floor = [s for s in floor_cpu if s is not None]
+    if any(None in load for load in spent) or len(known_floor) < len(floor_cpu):
+        log.info("%s/%s: the server's CPU time cannot be read here", NAME, engine)
+        return
+    ctx.results.add(
+        Figure(
+            NAME,
+            engine,
+            f"load {content.describe(ctx.content_paths)}: CPU time of its processes",
+            Timing([sum(s for s in load if s is not None) for load in spent]),
+            floor="CPU time of the same floor",
+            floor_timing=Timing(known_floor),
+            note=f"{os.cpu_count()} cores; CPU seconds, not wall time",
+            extra={
+                f"{part}_s": statistics.median(
+                    s for load in spent if (s := load[i]) is not None
+                )
+                for i, part in enumerate(parts)
             },
         )
     )
@@ -141,8 +181,10 @@ def dump_rows(ctx: Context, url: str) -> Rows:
         raw.close()
 
 
-def copy_rows(ctx: Context, url: str, rows: Rows) -> float:
-    """Write ``rows`` into the empty thodb schema of ``url``; return the seconds it took."""
+def copy_rows(ctx: Context, url: str, rows: Rows) -> tuple[float, float | None]:
+    """Write ``rows`` into the empty thodb schema of ``url``; return the seconds it took
+    and the CPU seconds of this process and of the server process together (``None``
+    when the server's cannot be read, see :mod:`benchmarks.cpu`)."""
     engine = ctx.databases.engine(url)
     with session_scope(engine, write=True) as session:
         ensure_schema(session.connection())
@@ -157,8 +199,14 @@ def copy_rows(ctx: Context, url: str, rows: Rows) -> float:
             if found is not None and found[0] == 0:
                 wanted.append((table, columns, data))
         raw.commit()
+        postgresql = engine.dialect.name == "postgresql"
+        pid = (
+            cpu.backend_pid(raw.driver_connection) if cpu.local_server(engine) else None
+        )
+        server_start = None if pid is None else cpu.backend_s(pid)
+        own_start = cpu.own_s()
         start = time.perf_counter()
-        if engine.dialect.name == "sqlite":
+        if not postgresql:
             cursor.execute("BEGIN IMMEDIATE")
             for table, columns, data in wanted:
                 marks = ", ".join("?" for _ in columns)
@@ -180,7 +228,14 @@ def copy_rows(ctx: Context, url: str, rows: Rows) -> float:
             for constraint in keys:
                 cursor.execute(_ddl(engine, sa.schema.AddConstraint(constraint)))
             raw.commit()
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        own = cpu.own_s() - own_start
+        if not postgresql:
+            return seconds, own
+        server_end = None if pid is None else cpu.backend_s(pid)
+        if server_start is None or server_end is None:
+            return seconds, None
+        return seconds, own + server_end - server_start
     finally:
         raw.close()
 

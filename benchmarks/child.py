@@ -6,7 +6,9 @@ the schema (untimed, so the figure is the load itself), loads, and answers one J
 line on stdout: the wall time, the time of each phase (read and parse, while the
 records parsed are written; the writing left after; refresh and commit, taken from the
 loader's progress callback), the process's peak RSS and that
-of the largest process that parsed files for it.
+of the largest process that parsed files for it, and the CPU time of the load's
+process, of the processes that parsed files for it and of its PostgreSQL server
+processes (see :mod:`benchmarks.cpu`).
 
 A forked process starts with the server's resident set (an interpreter that has
 imported thodb, like a fresh ``thodb load``) and its own high-water mark, so its
@@ -26,6 +28,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from benchmarks import cpu
 from thodb.db import create_engine, session_scope
 from thodb.errors import ThodbError
 from thodb.load import ensure_schema, load
@@ -43,6 +46,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     """Run the load ``job`` and return what it measured (see the module docstring)."""
     baseline = _status_mb("VmRSS")
     engine = create_engine(job["url"])
+    server = cpu.ServerClock(engine)
     with session_scope(engine, write=True) as session:
         ensure_schema(session.connection())
     marks: dict[str, float] = {}
@@ -50,6 +54,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     def progress(stage: str, _count: int) -> None:
         marks[stage] = time.perf_counter()
 
+    server.start()
+    own_start = cpu.own_s()
     start = time.perf_counter()
     error = None
     summary: dict[str, Any] = {}
@@ -65,6 +71,12 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     except ThodbError as exc:
         error = f"{type(exc).__name__}: {exc}"
     end = time.perf_counter()
+    cpu_s = {
+        "process": cpu.own_s() - own_start,
+        # The forked process has no other children: they are the parse workers.
+        "parse_workers": cpu.children_s(),
+        "server": server.elapsed(),
+    }
     engine.dispose()
 
     read_end = marks.get("read", start)
@@ -79,6 +91,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         / 1024,
         "baseline_rss_mb": baseline,
+        "cpu_s": cpu_s,
         "summary": summary,
         "error": error,
     }

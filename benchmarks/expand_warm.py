@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from collections.abc import Callable
 
 from sqlalchemy.orm import Session
 
@@ -29,7 +30,7 @@ from benchmarks.harness import (
 from thodb.expand import Member, expand, find_value_set_row
 from thodb.query import validate_code
 from thodb.seed import IMAGE_REFERENCE_TYPE
-from thodb.sql import for_driver
+from thodb.sql import EXPAND_LIVE, fetch_without_jit, for_driver, named_for_driver
 
 NAME = "expand-validate"
 
@@ -126,6 +127,9 @@ def _measure(
             )
         )
 
+    if every_mode:
+        _measure_live_statement(ctx, engine, session, floor_rows, suffix)
+
     members = expand(session, IMAGE_REFERENCE_TYPE).contains
     calls = ctx.pick(20, 2000)
     # A code of a code system that is not loaded (SNOMED CT: the membership row is
@@ -171,3 +175,42 @@ def _measure(
                 target=Target("≤ 2× floor", max_ratio=2.0),
             )
         )
+
+
+def _measure_live_statement(
+    ctx: Context,
+    engine: str,
+    session: Session,
+    floor_rows: Callable[[], None],
+    suffix: str,
+) -> None:
+    """The share of a live expansion that is SQL: the recursive statement alone, run
+    and fetched as :func:`thodb.expand.expand` runs it, beside the same floor. It
+    returns a row per code and include that lists it (one code may come from several);
+    the rest of a live expansion is one row per code and the members made of them, as
+    for an expansion read from ``value_set_member``."""
+    value_set = find_value_set_row(session, IMAGE_REFERENCE_TYPE)
+    connection = session.connection()
+    statement = named_for_driver(connection, EXPAND_LIVE)
+    parameters = {"value_set_id": value_set.id}
+    rows = len(fetch_without_jit(connection, statement, parameters)[1])
+    floor, timing = measure_side_by_side(
+        floor_rows,
+        functools.partial(fetch_without_jit, connection, statement, parameters),
+        warmup=ctx.pick(2, 50),
+        runs=ctx.pick(10, 300),
+        budget_s=ctx.pick(BUDGET_S[1], BUDGET_S[0]),
+    )
+    ctx.results.add(
+        Figure(
+            EXPAND,
+            engine,
+            f"image-reference-type, live recursive statement alone ({rows} rows)"
+            + suffix,
+            timing,
+            floor="SELECT of its value_set_member rows",
+            floor_timing=floor,
+            note="the SQL of the live expansion, without what Python makes of its rows",
+            extra={"rows": rows},
+        )
+    )

@@ -449,6 +449,9 @@ class ChildLoad:
     summary: dict[str, Any]
     error: str | None = None
     worker_peak_rss_mb: float = 0.0
+    #: CPU seconds by process: ``process``, ``parse_workers`` and ``server`` (``None``
+    #: when the server's cannot be read, see :mod:`benchmarks.cpu`).
+    cpu_s: dict[str, float | None] = field(default_factory=dict)
 
 
 class _LoadServer:

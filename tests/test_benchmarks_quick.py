@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from benchmarks import cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,3 +97,48 @@ def test_quick_run_prints_the_table_on_stdout(
     output, _, stdout = quick_run
     assert stdout.startswith("| workload | engine | measure |")
     assert (output / "results.md").read_text().startswith("| workload |")
+
+
+def test_quick_run_gives_the_cpu_time_of_each_load_and_of_its_floor(
+    quick_run: tuple[Path, list[str], str],
+) -> None:
+    output, engines, _ = quick_run
+    results = json.loads((output / "results.json").read_text())
+    for engine in engines:
+        (figure,) = [
+            f
+            for f in results["figures"]
+            if f["workload"] == "bulk-load"
+            and f["engine"] == engine
+            and "CPU time" in f["measure"]
+        ]
+        parts = {"process_s", "parse_workers_s"}
+        # The server's share is that of its own processes, on PostgreSQL only.
+        parts |= {"server_s"} if engine == "postgresql" else set()
+        assert set(figure["extra"]) == parts
+        assert figure["extra"]["process_s"] > 0
+        assert figure["median_s"] >= max(figure["extra"].values())
+        assert figure["floor_timing"]["median_s"] > 0
+
+
+def test_the_cpu_time_of_a_server_process_is_read_from_that_process(
+    fresh_engine: sa.Engine, engine_kind: str
+) -> None:
+    if engine_kind == "sqlite":
+        # No server process: SQLite works inside this one.
+        assert not cpu.local_server(fresh_engine)
+        return
+    assert cpu.local_server(fresh_engine)
+    with fresh_engine.connect() as connection:
+        pid = cpu.backend_pid(connection.connection.driver_connection)
+        assert pid is not None and pid != os.getpid()
+        before = cpu.backend_s(pid)
+        assert before is not None
+        # Work done by the server process, not by this one.
+        own = cpu.own_s()
+        connection.execute(sa.text("SELECT sum(g) FROM generate_series(1, 3000000) g"))
+        spent = cpu.backend_s(pid)
+        assert spent is not None and spent - before > 0
+        assert cpu.own_s() - own < spent - before
+    # This process is not PostgreSQL's.
+    assert cpu.backend_s(os.getpid()) is None
