@@ -33,11 +33,15 @@ CURVES = {"import-chain", "import-fan-out", "hierarchy-time", "hierarchy-rss"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _engines() -> list[str]:
-    url = os.environ.get(
+def _bench_url() -> str:
+    return os.environ.get(
         "THODB_BENCH_DATABASE_URL",
         "postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
     )
+
+
+def _engines() -> list[str]:
+    url = _bench_url()
     try:
         engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
         with engine.connect():
@@ -104,6 +108,10 @@ def test_quick_run_gives_the_cpu_time_of_each_load_and_of_its_floor(
 ) -> None:
     output, engines, _ = quick_run
     results = json.loads((output / "results.json").read_text())
+    # A server's CPU time can be read only on the machine it runs on.
+    bench_server = sa.create_engine(_bench_url(), poolclass=sa.pool.NullPool)
+    if not cpu.local_server(bench_server):
+        engines = [e for e in engines if e != "postgresql"]
     for engine in engines:
         (figure,) = [
             f
@@ -128,7 +136,8 @@ def test_the_cpu_time_of_a_server_process_is_read_from_that_process(
         # No server process: SQLite works inside this one.
         assert not cpu.local_server(fresh_engine)
         return
-    assert cpu.local_server(fresh_engine)
+    if not cpu.local_server(fresh_engine):
+        pytest.skip("the PostgreSQL server runs on another machine")
     with fresh_engine.connect() as connection:
         pid = cpu.backend_pid(connection.connection.driver_connection)
         assert pid is not None and pid != os.getpid()
