@@ -25,6 +25,7 @@ from benchmarks.harness import (
     Context,
     Figure,
     Target,
+    Timing,
     measure_side_by_side,
 )
 from thodb.expand import Member, expand, find_value_set_row
@@ -92,6 +93,10 @@ def _measure(
         cursor.execute(for_driver(db, _MEMBER_ROWS), (vs_id,))
         cursor.fetchall()
 
+    beside_floor = functools.partial(
+        measure_side_by_side, floor_rows, warmup=warmup, runs=calls, budget_s=budget
+    )
+
     # The expansion cache answers a repeated call; "cache off" is the work of one
     # expansion read from value_set_member, "live" computes it from the compose.
     modes = (
@@ -100,14 +105,10 @@ def _measure(
         ("live recursive SQL", True, False),
     )
     for label, live, cache in modes if every_mode else modes[:1]:
-        floor, timing = measure_side_by_side(
-            floor_rows,
+        floor, timing = beside_floor(
             functools.partial(
                 expand, session, IMAGE_REFERENCE_TYPE, live=live, cache=cache
-            ),
-            warmup=warmup,
-            runs=calls,
-            budget_s=budget,
+            )
         )
         target = (
             Target("≤ 1.5× floor and p50 ≤ 5 ms", 1.5, 0.005)
@@ -128,7 +129,7 @@ def _measure(
         )
 
     if every_mode:
-        _measure_live_statement(ctx, engine, session, floor_rows, suffix)
+        _measure_live_statement(ctx, engine, session, vs_id, beside_floor, suffix)
 
     members = expand(session, IMAGE_REFERENCE_TYPE).contains
     calls = ctx.pick(20, 2000)
@@ -181,25 +182,22 @@ def _measure_live_statement(
     ctx: Context,
     engine: str,
     session: Session,
-    floor_rows: Callable[[], None],
+    value_set_id: int,
+    beside_floor: Callable[[Callable[[], object]], tuple[Timing, Timing]],
     suffix: str,
 ) -> None:
     """The share of a live expansion that is SQL: the recursive statement alone, run
     and fetched as :func:`thodb.expand.expand` runs it, beside the same floor. It
     returns a row per code and include that lists it (one code may come from several);
     the rest of a live expansion is one row per code and the members made of them, as
-    for an expansion read from ``value_set_member``."""
-    value_set = find_value_set_row(session, IMAGE_REFERENCE_TYPE)
+    for an expansion read from ``value_set_member``; ``beside_floor`` samples it in
+    alternation with the floor of the expansions."""
     connection = session.connection()
     statement = named_for_driver(connection, EXPAND_LIVE)
-    parameters = {"value_set_id": value_set.id}
+    parameters = {"value_set_id": value_set_id}
     rows = len(fetch_without_jit(connection, statement, parameters)[1])
-    floor, timing = measure_side_by_side(
-        floor_rows,
-        functools.partial(fetch_without_jit, connection, statement, parameters),
-        warmup=ctx.pick(2, 50),
-        runs=ctx.pick(10, 300),
-        budget_s=ctx.pick(BUDGET_S[1], BUDGET_S[0]),
+    floor, timing = beside_floor(
+        functools.partial(fetch_without_jit, connection, statement, parameters)
     )
     ctx.results.add(
         Figure(
