@@ -41,13 +41,18 @@ log = logging.getLogger(__name__)
 
 NAME = "bulk-load"
 
+#: Loads (each followed by its floor) in a full run.
+PAIRS = 5
+
 #: Rows of each table, in foreign-key order, as the DB-API returns them.
 Rows = list[tuple[str, list[str], list[tuple[Any, ...]]]]
 
 
 def run(ctx: Context, engine: str) -> None:
     """Measure the content load on ``engine`` and its COPY floor."""
-    runs = ctx.pick(1, 2)
+    # Five pairs: on this kind of machine one floor sample may take 40 % longer than
+    # the next, so the median of two pairs could still be a slow one.
+    runs = ctx.pick(1, PAIRS)
     loads: list[ChildLoad] = []
     floor_samples: list[float] = []
     floor_cpu: list[float | None] = []
@@ -97,6 +102,11 @@ def run(ctx: Context, engine: str) -> None:
             target=Target("≤ 2× floor", max_ratio=2.0),
             note="each run on a new database; no separate warm-up",
             extra={
+                # The ratio of each load to the floor sample taken right after it.
+                "pair_ratios": [
+                    load.seconds / floor
+                    for load, floor in zip(loads, floor_samples, strict=True)
+                ],
                 "read_s": statistics.median(load.read_s for load in loads),
                 "write_s": statistics.median(load.write_s for load in loads),
                 "refresh_s": statistics.median(load.refresh_s for load in loads),

@@ -388,6 +388,20 @@ class Databases:
         with self._admin().connect() as connection:
             return str(connection.exec_driver_sql("SHOW server_version").scalar())
 
+    def server_settings(self, kind: str) -> dict[str, str]:
+        """The settings of the PostgreSQL server this run uses that bear on its
+        figures (:data:`SERVER_SETTINGS`), with a unit where they have one; none for
+        SQLite."""
+        if kind == "sqlite":
+            return {}
+        with self._admin().connect() as connection:
+            rows = connection.exec_driver_sql(
+                "SELECT name, setting || COALESCE(unit, '') FROM pg_settings "
+                "WHERE name = ANY(%(names)s) ORDER BY name",
+                {"names": list(SERVER_SETTINGS)},
+            )
+            return {name: value for name, value in rows}
+
     def create(self, kind: str, label: str) -> str:
         """The URL of a new, empty database of ``kind`` (``label`` names it)."""
         self._count += 1
@@ -550,6 +564,27 @@ class Context:
         return quick if self.quick else full
 
 
+#: The PostgreSQL settings the results record: those that change what a load, a
+#: query or a background process costs (a server's configuration may differ from
+#: PostgreSQL's defaults; this machine's has autovacuum off, say).
+SERVER_SETTINGS = (
+    "autovacuum",
+    "effective_cache_size",
+    "fsync",
+    "jit",
+    "lc_collate",
+    "maintenance_work_mem",
+    "max_parallel_maintenance_workers",
+    "max_parallel_workers_per_gather",
+    "max_wal_size",
+    "random_page_cost",
+    "shared_buffers",
+    "synchronous_commit",
+    "wal_level",
+    "work_mem",
+)
+
+
 def machine_info(databases: Databases, engines: Sequence[str]) -> dict[str, Any]:
     """The machine and software versions, for the results and the doc."""
     import psycopg
@@ -569,4 +604,9 @@ def machine_info(databases: Databases, engines: Sequence[str]) -> dict[str, Any]
         "psycopg": psycopg.__version__,
         "platform": platform.platform(),
         "engines": {kind: databases.server_version(kind) for kind in engines},
+        "settings": {
+            kind: settings
+            for kind in engines
+            if (settings := databases.server_settings(kind))
+        },
     }

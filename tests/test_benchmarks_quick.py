@@ -103,6 +103,29 @@ def test_quick_run_prints_the_table_on_stdout(
     assert (output / "results.md").read_text().startswith("| workload |")
 
 
+def test_quick_run_records_the_server_settings_and_each_load_beside_its_floor(
+    quick_run: tuple[Path, list[str], str],
+) -> None:
+    output, engines, _ = quick_run
+    results = json.loads((output / "results.json").read_text())
+    settings = results["machine"]["settings"]
+    if "postgresql" in engines:
+        bench_server = sa.create_engine(_bench_url(), poolclass=sa.pool.NullPool)
+        with bench_server.connect() as connection:
+            autovacuum = connection.exec_driver_sql("SHOW autovacuum").scalar()
+            shared_buffers = connection.exec_driver_sql(
+                "SELECT setting || unit FROM pg_settings WHERE name = 'shared_buffers'"
+            ).scalar()
+        assert settings["postgresql"]["autovacuum"] == autovacuum
+        assert settings["postgresql"]["shared_buffers"] == shared_buffers
+    assert "sqlite" not in settings
+    for figure in results["figures"]:
+        if figure["workload"] == "bulk-load" and "CPU time" not in figure["measure"]:
+            pairs = figure["extra"]["pair_ratios"]
+            assert len(pairs) == figure["runs"] == figure["floor_timing"]["runs"]
+            assert all(ratio > 0 for ratio in pairs)
+
+
 def test_quick_run_gives_the_cpu_time_of_each_load_and_of_its_floor(
     quick_run: tuple[Path, list[str], str],
 ) -> None:
