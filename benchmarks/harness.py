@@ -390,13 +390,13 @@ class Databases:
 
     def server_settings(self, kind: str) -> dict[str, str]:
         """The settings of the PostgreSQL server this run uses that bear on its
-        figures (:data:`SERVER_SETTINGS`), with a unit where they have one; none for
+        figures (:data:`SERVER_SETTINGS`), as ``SHOW`` gives them (``128MB``); none for
         SQLite."""
         if kind == "sqlite":
             return {}
         with self._admin().connect() as connection:
             rows = connection.exec_driver_sql(
-                "SELECT name, setting || COALESCE(unit, '') FROM pg_settings "
+                "SELECT name, current_setting(name) FROM pg_settings "
                 "WHERE name = ANY(%(names)s) ORDER BY name",
                 {"names": list(SERVER_SETTINGS)},
             )

@@ -113,9 +113,7 @@ def test_quick_run_records_the_server_settings_and_each_load_beside_its_floor(
         bench_server = sa.create_engine(_bench_url(), poolclass=sa.pool.NullPool)
         with bench_server.connect() as connection:
             autovacuum = connection.exec_driver_sql("SHOW autovacuum").scalar()
-            shared_buffers = connection.exec_driver_sql(
-                "SELECT setting || unit FROM pg_settings WHERE name = 'shared_buffers'"
-            ).scalar()
+            shared_buffers = connection.exec_driver_sql("SHOW shared_buffers").scalar()
         assert settings["postgresql"]["autovacuum"] == autovacuum
         assert settings["postgresql"]["shared_buffers"] == shared_buffers
     assert "sqlite" not in settings
