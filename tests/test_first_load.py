@@ -1,14 +1,19 @@
 """A first load into PostgreSQL adds the foreign keys of the tables it writes and of
 those the refresh fills after filling them, and builds their indexes (and the primary
 keys of the two filled tables) after them: it must end with the constraints and
-indexes the migrations make, and must not wait for a transaction that holds those tables. It also
-leaves the planner statistics of those tables, which have none before, and of the
-tables it wrote, and the statistics of the strata for the passes that select by them."""
+indexes the migrations make, and must not wait for a transaction that holds those
+tables. It also leaves the planner statistics of those tables, which have none before,
+and of the tables it wrote, and the statistics of the strata for the passes that select
+by them. A first load into SQLite builds the indexes after the rows too (not the keys,
+which SQLite cannot drop); a first load that fails leaves the indexes as they were, on
+either engine."""
 
 from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +24,7 @@ from sqlalchemy.engine import Engine
 from conftest import Databases
 from thodb import migrate, sql
 from thodb.db import session_scope
+from thodb.errors import LoadError
 from thodb.expand import expand
 from thodb.load import load
 from thodb.refresh import refresh
@@ -113,6 +119,89 @@ def test_a_first_load_ends_with_the_migrations_indexes(
     load(postgresql, [_content(tmp_path / "content")])
 
     assert _indexes(postgresql) == _indexes(_migrated(databases))
+
+
+# Every index of an SQLite database, with its table and definition.
+_SQLITE_INDEXES = sa.text(
+    "SELECT tbl_name, name, sql FROM sqlite_master WHERE type = 'index' ORDER BY 1, 2"
+)
+
+
+@contextmanager
+def _dropped_indexes(engine: Engine) -> Iterator[list[str]]:
+    """The names of the indexes dropped on ``engine`` while the block runs."""
+    dropped: list[str] = []
+
+    def note(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.lstrip().startswith("DROP INDEX"):
+            dropped.append(statement.split()[-1].split(".")[-1])
+
+    sa.event.listen(engine, "before_cursor_execute", note)
+    try:
+        yield dropped
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", note)
+
+
+def _indexes_of(engine: Engine) -> list[Any]:
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as connection:
+            return [tuple(row) for row in connection.execute(_SQLITE_INDEXES)]
+    return _indexes(engine)
+
+
+def test_a_first_load_into_sqlite_ends_with_the_migrations_indexes(
+    databases: Databases, tmp_path: Path
+) -> None:
+    sqlite = databases.engine("sqlite")
+    migrated = databases.engine("sqlite")
+    with migrated.begin() as connection:
+        migrate.upgrade(connection)
+    with _dropped_indexes(sqlite) as dropped:
+        load(sqlite, [_content(tmp_path / "content")])
+
+    # The indexes of the written tables and of the two filled ones were built after.
+    assert "ix_concept_designation_concept_id" in dropped
+    assert "ix_value_set_member_system_code" in dropped
+    assert _indexes_of(sqlite) == _indexes_of(migrated)
+    with session_scope(sqlite) as session:
+        assert [m.code for m in expand(session, VS, cache=False).contains] == CODES
+
+
+def test_a_failed_first_load_leaves_the_indexes_as_they_were(
+    fresh_engine: Engine, tmp_path: Path
+) -> None:
+    with fresh_engine.begin() as connection:
+        migrate.upgrade(connection)
+    before = _indexes_of(fresh_engine)
+    folder = tmp_path / "content"
+    folder.mkdir()
+    # More code systems than one batch holds, written before the broken file is read.
+    for n in range(60):
+        code_system = {
+            "resourceType": "CodeSystem",
+            "url": f"{CS}-{n}",
+            "status": "active",
+            "content": "complete",
+            "concept": [{"code": code} for code in CODES],
+        }
+        (folder / f"cs-{n:02}.json").write_text(json.dumps(code_system))
+    (folder / "zz-broken.json").write_text("{")
+    stages: list[tuple[str, int]] = []
+
+    with _dropped_indexes(fresh_engine) as dropped, pytest.raises(LoadError):
+        load(fresh_engine, [folder], progress=lambda *stage: stages.append(stage))
+
+    assert "ix_concept_property_concept_id" in dropped
+    assert ("write", 50) in stages  # a batch was written before the error
+    assert _indexes_of(fresh_engine) == before
+    with fresh_engine.connect() as connection:
+        concepts = f"SELECT count(*) FROM {_prefix(fresh_engine)}concept"
+        assert connection.scalar(sa.text(concepts)) == 0
+
+
+def _prefix(engine: Engine) -> str:
+    return "" if engine.dialect.name == "sqlite" else "tho."
 
 
 @pytest.mark.parametrize(

@@ -778,7 +778,7 @@ def _recompute(
         )
 
     p = schema_prefix(session)
-    first = everything and _lock_for_first_fill(session)
+    first = everything and _first_fill(session)
     if everything:
         session.execute(sa.text(f"DELETE FROM {p}compose_rule_code"))
         session.execute(sa.text(f"DELETE FROM {p}value_set_member"))
@@ -894,15 +894,15 @@ def _store_pass(connection: sa.Connection, p: str, stratum: int) -> int:
 _REFRESH_LOCK = 0x74686F6462
 
 
-def _lock_for_first_fill(session: Session) -> bool:
-    """Lock the tables whose foreign keys :func:`keys_checked_after` drops, until the
-    load commits, when this is PostgreSQL, no value set has members yet (a first load)
-    and nothing else holds a lock on them; return whether they were locked."""
-    if is_sqlite(session) or session.scalar(
-        sa.select(sa.exists().select_from(ValueSetMember))
-    ):
+def _first_fill(session: Session) -> bool:
+    """Whether no value set has members yet (a first load) and the tables whose
+    indexes and keys the refresh then builds after filling them are the transaction's
+    own: on PostgreSQL locked until it commits, when nothing else holds a lock on
+    them (the tables whose foreign keys :func:`keys_checked_after` drops too); on
+    SQLite the transaction's write lock keeps other writers out already."""
+    if session.scalar(sa.select(sa.exists().select_from(ValueSetMember))):
         return False
-    return lock_if_free(
+    return is_sqlite(session) or lock_if_free(
         session, ("value_set", "compose_rule", "value_set_member", "compose_rule_code")
     )
 
@@ -957,9 +957,10 @@ def keys_checked_after(
     check them all at once (its manual's advice for populating a database). Dropping
     a constraint needs the tables to itself until the load commits, so this is done
     only when their tables are empty for anyone to read and no other transaction
-    holds a lock on them (``first``: see :func:`lock_if_free`).
+    holds a lock on them (``first``: see :func:`lock_if_free`). SQLite cannot drop a
+    constraint: its keys are checked as rows are written, whatever ``first`` says.
     """
-    if not first:
+    if not first or is_sqlite(session):
         yield
         return
     for constraint in constraints:
@@ -980,8 +981,9 @@ def indexes_built_after(
     three b-trees row by row took 1.5 s for THO's 101,778 members, against 0.14 s for
     the rows and 0.5 s for their three indexes built after (its manual's advice for
     populating a database, as pg_restore does). ``keys``: the primary keys too, for
-    tables whose rows are unique by construction and that no foreign key points at.
-    ``first`` as for :func:`keys_checked_after`.
+    tables whose rows are unique by construction and that no foreign key points at
+    (on PostgreSQL; SQLite cannot drop them). ``first`` as for
+    :func:`keys_checked_after`.
     """
     if not first:
         yield
@@ -993,7 +995,11 @@ def indexes_built_after(
         for index in sorted(table.indexes, key=lambda index: str(index.name))
         if not index.unique
     ]
-    primary_keys = [table.primary_key for table in tables] if keys else []
+    primary_keys = (
+        [table.primary_key for table in tables]
+        if keys and not is_sqlite(session)
+        else []
+    )
     for index in indexes:
         session.execute(sa.schema.DropIndex(index))
     for key in primary_keys:
