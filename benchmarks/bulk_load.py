@@ -50,8 +50,8 @@ Rows = list[tuple[str, list[str], list[tuple[Any, ...]]]]
 
 def run(ctx: Context, engine: str) -> None:
     """Measure the content load on ``engine`` and its COPY floor."""
-    # Five pairs: on this kind of machine one floor sample may take 40 % longer than
-    # the next, so the median of two pairs could still be a slow one.
+    # Five pairs: on a virtual machine one floor sample was seen to take 40 % longer
+    # than the next, so the median of two pairs could still be a slow one.
     runs = ctx.pick(1, PAIRS)
     loads: list[ChildLoad] = []
     floor_samples: list[float] = []

@@ -566,7 +566,7 @@ class Context:
 
 #: The PostgreSQL settings the results record: those that change what a load, a
 #: query or a background process costs (a server's configuration may differ from
-#: PostgreSQL's defaults; this machine's has autovacuum off, say).
+#: PostgreSQL's defaults: autovacuum turned off, say).
 SERVER_SETTINGS = (
     "autovacuum",
     "effective_cache_size",
