@@ -358,3 +358,42 @@ def test_operation_refuses_what_is_not_a_parameters_resource(
     assert answer.stderr == (
         "thodb: error: stdin: resourceType: expected a FHIR Parameters resource\n"
     )
+
+
+_MODULES_AFTER = """
+import sys
+from thodb.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as end:
+    code = end.code
+print(code, [m for m in ("alembic", "psycopg") if m in sys.modules])
+"""
+
+
+@pytest.mark.parametrize("engine_kind", ["sqlite"], indirect=True)
+def test_the_commands_that_read_sqlite_import_neither_alembic_nor_psycopg(
+    seeded_engine: Engine,
+) -> None:
+    # Migrations and the PostgreSQL driver are a fifth of a second of imports that a
+    # command reading an SQLite database does not need.
+    for command in (
+        ["expand", IMAGE_REFERENCE_TYPE, "--format", "json"],
+        ["validate-code", IMAGE_REFERENCE_TYPE, "--system", DCM, "--code", "128224"],
+        ["lookup", "--system", DCM, "--code", "128224"],
+    ):
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                _MODULES_AFTER,
+                "--database-url",
+                _url(seeded_engine),
+            ]
+            + command,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
+        assert done.stdout.splitlines()[-1] == "0 []", (command, done.stderr[-2000:])

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from psycopg import sql as psycopg_sql
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -506,6 +505,10 @@ def _copy_values(
         finally:
             cursor.close()
         return
+    # Imported here: only a PostgreSQL connection (which has imported psycopg) gets
+    # here, and importing it takes a twentieth of a second that SQLite never needs.
+    from psycopg import sql as psycopg_sql
+
     statement = psycopg_sql.SQL("COPY {} ({}) FROM STDIN").format(
         psycopg_sql.Identifier(table.schema, table.name),
         psycopg_sql.SQL(", ").join(psycopg_sql.Identifier(n) for n in names),

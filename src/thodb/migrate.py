@@ -1,20 +1,25 @@
-"""Schema migrations: Alembic driven from code, for ``thodb db`` and ``thodb seed``."""
+"""Schema migrations: Alembic driven from code, for ``thodb db`` and ``thodb seed``.
+
+Alembic is imported when a function here first runs, not with this module: it takes
+about a fifth of a second, and the commands that only read (``thodb expand``,
+``validate-code``, ``lookup``) never need it.
+"""
 
 from __future__ import annotations
 
 import io
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Connection
 from sqlalchemy.engine import Engine
 
 from thodb.db import WRITE_OPTION, is_sqlite
 from thodb.models import SCHEMA
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +37,8 @@ def script_location() -> Path:
 
 
 def _config() -> Config:
+    from alembic.config import Config
+
     config = Config(stdout=io.StringIO())
     config.set_main_option("script_location", str(script_location()))
     config.set_main_option("path_separator", "os")
@@ -39,6 +46,8 @@ def _config() -> Config:
 
 
 def _run(bind: Engine | Connection, action: str, revision: str) -> None:
+    from alembic import command
+
     config = _config()
     if isinstance(bind, Connection):
         config.attributes["connection"] = bind
@@ -70,6 +79,8 @@ def current(bind: Engine | Connection) -> str | None:
     if isinstance(bind, Engine):
         with bind.connect() as connection:
             return current(connection)
+    from alembic.runtime.migration import MigrationContext
+
     context = MigrationContext.configure(
         bind, opts={"version_table_schema": None if is_sqlite(bind) else SCHEMA}
     )
@@ -78,6 +89,7 @@ def current(bind: Engine | Connection) -> str | None:
 
 def head() -> str | None:
     """The newest revision this version of thodb knows."""
-    config = Config()
-    config.set_main_option("script_location", str(script_location()))
+    from alembic.script import ScriptDirectory
+
+    config = _config()
     return ScriptDirectory.from_config(config).get_current_head()
