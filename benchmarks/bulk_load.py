@@ -5,9 +5,10 @@ The floor takes every row the load wrote, read back from the loaded database bef
 the floor runs (so parsing is not part of it), in primary-key order, and writes them
 into the same tables of another new database: PostgreSQL ``COPY ... FROM STDIN``,
 SQLite ``executemany`` in one transaction. Indexes and foreign keys are the same in
-both; on PostgreSQL the floor drops the foreign keys before its COPY and adds them
-after it, as a first load into an empty database does (each checked in one join
-instead of row by row).
+both, and the floor writes its rows as a first load into an empty database does: the
+indexes that enforce nothing are dropped before the rows and built from them after,
+and on PostgreSQL the foreign keys too (each then checked in one join instead of row
+by row).
 
 The database of the last load is kept as the run's content database (see
 :func:`benchmarks.content.ensure`).
@@ -34,7 +35,7 @@ from benchmarks.harness import (
 )
 from thodb.db import session_scope
 from thodb.load import ensure_schema
-from thodb.models import Base
+from thodb.models import SCHEMA, Base
 from thodb.sql import for_driver
 
 log = logging.getLogger(__name__)
@@ -216,28 +217,37 @@ def copy_rows(ctx: Context, url: str, rows: Rows) -> tuple[float, float | None]:
         server_start = None if pid is None else cpu.backend_s(pid)
         own_start = cpu.own_s()
         start = time.perf_counter()
+        # As pg_restore and a first load do: the indexes that enforce nothing are built
+        # from the rows after them (a sort each instead of an insert per row), and on
+        # PostgreSQL the foreign keys are added after them (one join each).
+        tables = {table for table, _, _ in wanted}
+        indexes = _non_unique_indexes(tables)
+        keys = _foreign_keys(tables) if postgresql else []
         if not postgresql:
             cursor.execute("BEGIN IMMEDIATE")
-            for table, columns, data in wanted:
-                marks = ", ".join("?" for _ in columns)
-                cursor.executemany(
-                    f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", data
-                )
-            cursor.execute("COMMIT")
-        else:
-            # As pg_restore and a first load do: the foreign keys are added after the
-            # rows, which checks them in one join instead of row by row.
-            keys = _foreign_keys({table for table, _, _ in wanted})
-            for constraint in keys:
-                cursor.execute(_ddl(engine, sa.schema.DropConstraint(constraint)))
-            for table, columns, data in wanted:
+        for index in indexes:
+            cursor.execute(_ddl(engine, sa.schema.DropIndex(index)))
+        for constraint in keys:
+            cursor.execute(_ddl(engine, sa.schema.DropConstraint(constraint)))
+        for table, columns, data in wanted:
+            if postgresql:
                 statement = f"COPY tho.{table} ({', '.join(columns)}) FROM STDIN"
                 with cursor.copy(statement) as copy:
                     for row in data:
                         copy.write_row(row)
-            for constraint in keys:
-                cursor.execute(_ddl(engine, sa.schema.AddConstraint(constraint)))
+            else:
+                marks = ", ".join("?" for _ in columns)
+                cursor.executemany(
+                    f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", data
+                )
+        for constraint in keys:
+            cursor.execute(_ddl(engine, sa.schema.AddConstraint(constraint)))
+        for index in indexes:
+            cursor.execute(_ddl(engine, sa.schema.CreateIndex(index)))
+        if postgresql:
             raw.commit()
+        else:
+            cursor.execute("COMMIT")
         seconds = time.perf_counter() - start
         own = cpu.own_s() - own_start
         if not postgresql:
@@ -259,5 +269,25 @@ def _foreign_keys(tables: set[str]) -> list[sa.ForeignKeyConstraint]:
     ]
 
 
+def _non_unique_indexes(tables: set[str]) -> list[sa.Index]:
+    return [
+        index
+        for table in Base.metadata.sorted_tables
+        if table.name in tables
+        for index in sorted(table.indexes, key=lambda index: str(index.name))
+        if not index.unique
+    ]
+
+
 def _ddl(engine: sa.Engine, statement: sa.schema.ExecutableDDLElement) -> str:
+    """``statement`` as the engine's DDL (on SQLite the ``tho`` schema is the main
+    database)."""
+    if engine.dialect.name == "sqlite":
+        return str(
+            statement.compile(
+                dialect=engine.dialect,
+                schema_translate_map={SCHEMA: "main"},
+                render_schema_translate=True,
+            )
+        )
     return str(statement.compile(dialect=engine.dialect))
