@@ -8,7 +8,7 @@ SQLite ``executemany`` in one transaction. Indexes and foreign keys are the same
 both, and the floor writes its rows as a first load into an empty database does: the
 indexes that enforce nothing are dropped before the rows and built from them after,
 and on PostgreSQL the foreign keys too (each then checked in one join instead of row
-by row).
+by row) and the primary keys of the two tables the refresh fills.
 
 The database of the last load is kept as the run's content database (see
 :func:`benchmarks.content.ensure`).
@@ -223,11 +223,13 @@ def copy_rows(ctx: Context, url: str, rows: Rows) -> tuple[float, float | None]:
         tables = {table for table, _, _ in wanted}
         indexes = _non_unique_indexes(tables)
         keys = _foreign_keys(tables) if postgresql else []
+        # PostgreSQL only: SQLite cannot drop a primary key.
+        primary_keys = _primary_keys_built_after(tables) if postgresql else []
         if not postgresql:
             cursor.execute("BEGIN IMMEDIATE")
         for index in indexes:
             cursor.execute(_ddl(engine, sa.schema.DropIndex(index)))
-        for constraint in keys:
+        for constraint in [*keys, *primary_keys]:
             cursor.execute(_ddl(engine, sa.schema.DropConstraint(constraint)))
         for table, columns, data in wanted:
             if postgresql:
@@ -240,7 +242,7 @@ def copy_rows(ctx: Context, url: str, rows: Rows) -> tuple[float, float | None]:
                 cursor.executemany(
                     f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", data
                 )
-        for constraint in keys:
+        for constraint in [*primary_keys, *keys]:
             cursor.execute(_ddl(engine, sa.schema.AddConstraint(constraint)))
         for index in indexes:
             cursor.execute(_ddl(engine, sa.schema.CreateIndex(index)))
@@ -266,6 +268,19 @@ def _foreign_keys(tables: set[str]) -> list[sa.ForeignKeyConstraint]:
         for table in Base.metadata.sorted_tables
         if table.name in tables
         for constraint in table.foreign_key_constraints
+    ]
+
+
+#: The tables whose primary keys a first load's refresh builds after their rows (see
+#: thodb.refresh: their rows are unique by construction, and no key points at them).
+_KEYS_BUILT_AFTER = ("compose_rule_code", "value_set_member")
+
+
+def _primary_keys_built_after(tables: set[str]) -> list[sa.Constraint]:
+    return [
+        table.primary_key
+        for table in Base.metadata.sorted_tables
+        if table.name in tables and table.name in _KEYS_BUILT_AFTER
     ]
 
 
