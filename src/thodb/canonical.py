@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+#: The base of canonical urls given to resources that carry none (THO's own base).
+DEFAULT_CANONICAL_BASE = "http://terminology.hl7.org"
+
 
 def split_canonical(reference: str) -> tuple[str, str | None]:
     """Split a FHIR canonical reference into its url and optional version.

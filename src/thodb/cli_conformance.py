@@ -7,10 +7,14 @@ progress of each suite to stderr.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
-from thodb.conformance.operations import DatabaseOperations
-from thodb.conformance.suite import Report, run_suites
+if TYPE_CHECKING:
+    # Imported when the command runs: the other commands start without them.
+    from thodb.conformance.operations import DatabaseOperations
+    from thodb.conformance.suite import Report
 
 
 def _root_option(ctx: click.Context, name: str) -> object:
@@ -60,6 +64,9 @@ def conformance(
     Example:
       thodb conformance ../shared/tx-tests --suite simple-cases --output /tmp/tx
     """
+    from thodb.conformance.operations import DatabaseOperations
+    from thodb.conformance.suite import run_suites
+
     url = _root_option(ctx, "database_url")
     quiet = bool(_root_option(ctx, "quiet"))
     with DatabaseOperations(str(url) if url else None) as operations:

@@ -18,18 +18,13 @@ import click
 from sqlalchemy.orm import Session
 
 from thodb.db import WRITE_OPTION
-from thodb.fhir import operations as fhir_operations
-from thodb.fhir.operations import RequestContext
 
 if TYPE_CHECKING:
     from thodb.cli import _State
 
-_OPERATIONS = {
-    "expand": fhir_operations.expand,
-    "validate-code": fhir_operations.validate_code,
-    "cs-validate-code": fhir_operations.cs_validate_code,
-    "lookup": fhir_operations.lookup,
-}
+#: The operations the command runs, by thodb.fhir.operations, which it imports when it
+#: runs: the other commands start without it.
+_OPERATIONS = ("cs-validate-code", "expand", "lookup", "validate-code")
 
 # Parameters that carry resources: the request loads them, so it needs a write lock.
 _RESOURCE_PARAMETERS = frozenset({"tx-resource", "valueSet", "codeSystem"})
@@ -50,7 +45,7 @@ def _fail(message: str) -> None:
 
 
 @click.command("operation")
-@click.argument("name", type=click.Choice(sorted(_OPERATIONS)))
+@click.argument("name", type=click.Choice(_OPERATIONS))
 @click.argument("parameters", type=click.File("rb"), default="-")
 @click.option(
     "--accept-language",
@@ -75,6 +70,8 @@ def operation(name: str, parameters: IO[bytes], accept_language: str | None) -> 
         {"name": "includeDesignations", "valueBoolean": true}]}' |
       thodb operation expand -
     """
+    from thodb.fhir import operations as fhir_operations
+
     request = _read(parameters)
     writes = any(
         isinstance(p, dict) and p.get("name") in _RESOURCE_PARAMETERS
@@ -82,10 +79,16 @@ def operation(name: str, parameters: IO[bytes], accept_language: str | None) -> 
     )
     engine = _state().engine()
     bind = engine.execution_options(**{WRITE_OPTION: True}) if writes else engine
-    context = RequestContext(accept_language=accept_language)
+    context = fhir_operations.RequestContext(accept_language=accept_language)
+    run = {
+        "expand": fhir_operations.expand,
+        "validate-code": fhir_operations.validate_code,
+        "cs-validate-code": fhir_operations.cs_validate_code,
+        "lookup": fhir_operations.lookup,
+    }[name]
     with Session(bind, autobegin=True) as session:
         try:
-            status, response = _OPERATIONS[name](session, request, context)
+            status, response = run(session, request, context)
         finally:
             session.rollback()
     click.echo(json.dumps(response, indent=2, ensure_ascii=False))

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 import click
 
 from thodb.db import safe_url
-from thodb.imaging import store
 from thodb.reporting import grant_reader as grant_reader_role
 
 if TYPE_CHECKING:
@@ -77,6 +76,8 @@ def scan(paths: tuple[str, ...]) -> None:
     Example:
       thodb imaging scan /data/dicom/study1 report.dcm
     """
+    from thodb.imaging import store  # with the loader: only these commands need it
+
     state = _state()
     _status(f"scanning into {safe_url(state.engine().url)}")
     summary = store.scan_and_store(
@@ -107,6 +108,8 @@ def load_selections(paths: tuple[str, ...]) -> None:
     Example:
       thodb imaging load-selections selections/
     """
+    from thodb.imaging import store
+
     summary = store.load_selections(_state().engine(), list(paths))
     _status(
         f"files read: {summary.files} ({summary.skipped_not_fhir} not FHIR, "

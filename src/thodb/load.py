@@ -24,17 +24,12 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from thodb import collector, migrate
-from thodb.canonical import canonical
+from thodb.canonical import DEFAULT_CANONICAL_BASE, canonical
 from thodb.db import is_sqlite, session_scope
 from thodb.errors import DatabaseError, LoadError
 from thodb.fhir.pool import records_of, records_read
 from thodb.fhir.read import ReadCounts, Resource, expand_bundle
-from thodb.fhir.resources import (
-    DEFAULT_CANONICAL_BASE,
-    CodeSystemRecord,
-    Record,
-    ValueSetRecord,
-)
+from thodb.fhir.resources import CodeSystemRecord, Record, ValueSetRecord
 from thodb.models import (
     CodeSystem,
     CodeSystemProperty,

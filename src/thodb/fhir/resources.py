@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from thodb.canonical import split_canonical
+from thodb.canonical import DEFAULT_CANONICAL_BASE, split_canonical
 from thodb.errors import LoadError
 
 #: FHIR's largest string, in characters (R5 datatypes.html#string).
@@ -28,9 +28,6 @@ MAX_STRING = 1024 * 1024
 #: The largest url, version, code or property value thodb stores, in UTF-8 bytes: a
 #: PostgreSQL index entry holds at most 8191 bytes (THO's longest value is 4.6 kB).
 MAX_KEY_BYTES = 8000
-
-#: The base of canonical urls given to resources that carry none (THO's own base).
-DEFAULT_CANONICAL_BASE = "http://terminology.hl7.org"
 
 #: Filter operators of FHIR R5 ValueSet.compose.include.filter.op (filter-operator).
 FILTER_OPERATORS = frozenset(
