@@ -36,6 +36,7 @@ from benchmarks.harness import (
 from thodb.db import session_scope
 from thodb.load import ensure_schema
 from thodb.models import SCHEMA, Base
+from thodb.refresh import DERIVED_MODELS, indexes_that_enforce_nothing
 from thodb.sql import for_driver
 
 log = logging.getLogger(__name__)
@@ -271,27 +272,20 @@ def _foreign_keys(tables: set[str]) -> list[sa.ForeignKeyConstraint]:
     ]
 
 
-#: The tables whose primary keys a first load's refresh builds after their rows (see
-#: thodb.refresh: their rows are unique by construction, and no key points at them).
-_KEYS_BUILT_AFTER = ("compose_rule_code", "value_set_member")
-
-
 def _primary_keys_built_after(tables: set[str]) -> list[sa.Constraint]:
+    """Those of the tables a first load's refresh fills, which it builds after them."""
+    derived = {model.__tablename__ for model in DERIVED_MODELS}
     return [
         table.primary_key
         for table in Base.metadata.sorted_tables
-        if table.name in tables and table.name in _KEYS_BUILT_AFTER
+        if table.name in tables and table.name in derived
     ]
 
 
 def _non_unique_indexes(tables: set[str]) -> list[sa.Index]:
-    return [
-        index
-        for table in Base.metadata.sorted_tables
-        if table.name in tables
-        for index in sorted(table.indexes, key=lambda index: str(index.name))
-        if not index.unique
-    ]
+    return indexes_that_enforce_nothing(
+        table for table in Base.metadata.sorted_tables if table.name in tables
+    )
 
 
 def _ddl(engine: sa.Engine, statement: sa.schema.ExecutableDDLElement) -> str:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import cast
@@ -942,7 +942,10 @@ def foreign_keys(*models: type[Base]) -> tuple[sa.ForeignKeyConstraint, ...]:
 
 # The foreign keys of the two tables a refresh fills; each points at a row that a load
 # wrote in the same transaction.
-_DERIVED_FOREIGN_KEYS = foreign_keys(ComposeRuleCode, ValueSetMember)
+#: The tables the refresh fills. Their rows are unique by construction and no foreign
+#: key points at them, so a first fill builds their primary keys after the rows too.
+DERIVED_MODELS: tuple[type[Base], ...] = (ComposeRuleCode, ValueSetMember)
+_DERIVED_FOREIGN_KEYS = foreign_keys(*DERIVED_MODELS)
 
 
 @contextmanager
@@ -989,12 +992,7 @@ def indexes_built_after(
         yield
         return
     tables = [cast(sa.Table, model.__table__) for model in models]
-    indexes = [
-        index
-        for table in tables
-        for index in sorted(table.indexes, key=lambda index: str(index.name))
-        if not index.unique
-    ]
+    indexes = indexes_that_enforce_nothing(tables)
     primary_keys = (
         [table.primary_key for table in tables]
         if keys and not is_sqlite(session)
@@ -1009,6 +1007,17 @@ def indexes_built_after(
         session.execute(sa.schema.AddConstraint(key))
     for index in indexes:
         session.execute(sa.schema.CreateIndex(index))
+
+
+def indexes_that_enforce_nothing(tables: Iterable[sa.Table]) -> list[sa.Index]:
+    """The non-unique indexes of ``tables``, those a first load builds after the rows,
+    table by table and by name."""
+    return [
+        index
+        for table in tables
+        for index in sorted(table.indexes, key=lambda index: str(index.name))
+        if not index.unique
+    ]
 
 
 def _serialize(session: Session) -> None:
