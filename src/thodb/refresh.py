@@ -940,11 +940,10 @@ def foreign_keys(*models: type[Base]) -> tuple[sa.ForeignKeyConstraint, ...]:
     )
 
 
-# The foreign keys of the two tables a refresh fills; each points at a row that a load
-# wrote in the same transaction.
 #: The tables the refresh fills. Their rows are unique by construction and no foreign
 #: key points at them, so a first fill builds their primary keys after the rows too.
 DERIVED_MODELS: tuple[type[Base], ...] = (ComposeRuleCode, ValueSetMember)
+# Their foreign keys; each points at a row that a load wrote in the same transaction.
 _DERIVED_FOREIGN_KEYS = foreign_keys(*DERIVED_MODELS)
 
 
