@@ -323,19 +323,26 @@ def test_operation_answers_fhir_parameters_as_a_server_does(
     }
     assert codes == expected_codes("simple/simple-expand-all-response-valueSet.json")
 
-    request = TX / "validation/simple-code-bad-code-request-parameters.json"
-    expected = json.loads(
-        (TX / "validation/simple-code-bad-code-response-parameters.json").read_text(
-            encoding="utf-8-sig"
+    def result(answer: click.testing.Result | str) -> object:
+        # The result parameter of thodb's answer, or of HL7's expected response file.
+        text = (
+            (TX / answer).read_text(encoding="utf-8-sig")
+            if isinstance(answer, str)
+            else answer.stdout
         )
-    )
-    answer = _run("--database-url", url, "operation", "validate-code", str(request))
-    result = next(
-        p for p in json.loads(answer.stdout)["parameter"] if p["name"] == "result"
-    )
-    wanted = next(p for p in expected["parameter"] if p["name"] == "result")
-    assert result["valueBoolean"] is wanted["valueBoolean"] is False
-    assert answer.exit_code == 1
+        found = [p for p in json.loads(text)["parameter"] if p["name"] == "result"]
+        return found[0]["valueBoolean"]
+
+    # HL7's cases: a code not in the value set, and a code of the code system.
+    for name, case, valid, exit_code in (
+        ("validate-code", "simple-code-bad-code", False, 1),
+        ("cs-validate-code", "cs-code-good", True, 0),
+    ):
+        request = TX / f"validation/{case}-request-parameters.json"
+        answer = _run("--database-url", url, "operation", name, str(request))
+        expected = result(f"validation/{case}-response-parameters.json")
+        assert result(answer) is expected is valid
+        assert answer.exit_code == exit_code
 
 
 def test_operation_refuses_what_is_not_a_parameters_resource(

@@ -22,9 +22,15 @@ from thodb.db import WRITE_OPTION
 if TYPE_CHECKING:
     from thodb.cli import _State
 
-#: The operations the command runs, by thodb.fhir.operations, which it imports when it
-#: runs: the other commands start without it.
-_OPERATIONS = ("cs-validate-code", "expand", "lookup", "validate-code")
+#: The operations the command runs: the names of their functions in
+#: thodb.fhir.operations, which it imports when it runs (the other commands start
+#: without it).
+_OPERATIONS = {
+    "expand": "expand",
+    "validate-code": "validate_code",
+    "cs-validate-code": "cs_validate_code",
+    "lookup": "lookup",
+}
 
 # Parameters that carry resources: the request loads them, so it needs a write lock.
 _RESOURCE_PARAMETERS = frozenset({"tx-resource", "valueSet", "codeSystem"})
@@ -45,7 +51,7 @@ def _fail(message: str) -> None:
 
 
 @click.command("operation")
-@click.argument("name", type=click.Choice(_OPERATIONS))
+@click.argument("name", type=click.Choice(sorted(_OPERATIONS)))
 @click.argument("parameters", type=click.File("rb"), default="-")
 @click.option(
     "--accept-language",
@@ -80,12 +86,7 @@ def operation(name: str, parameters: IO[bytes], accept_language: str | None) -> 
     engine = _state().engine()
     bind = engine.execution_options(**{WRITE_OPTION: True}) if writes else engine
     context = fhir_operations.RequestContext(accept_language=accept_language)
-    run = {
-        "expand": fhir_operations.expand,
-        "validate-code": fhir_operations.validate_code,
-        "cs-validate-code": fhir_operations.cs_validate_code,
-        "lookup": fhir_operations.lookup,
-    }[name]
+    run = getattr(fhir_operations, _OPERATIONS[name])
     with Session(bind, autobegin=True) as session:
         try:
             status, response = run(session, request, context)
